@@ -1,0 +1,361 @@
+"""What LoRA files are on disk: brand -> versions -> file.
+
+Pure Python on purpose (no torch): the API and the cache can ask what exists without touching the
+engine. Every path is built from a validated id, then resolved with realpath and checked to stay
+inside the LoRA root, so a client-supplied name can never reach another file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION_PATTERN = re.compile(r"^v(\d+)$", re.ASCII)  # ASCII: "\d" would also match other scripts' digits
+DEFAULT_VERSION = "default"  # the brand folder holds the file directly, no version folders
+
+# Looked up in this order inside a version folder (or the brand folder); "{brand_id}" is filled in.
+FILE_NAMES_IN_ORDER = ("style.safetensors", "lora.safetensors", "{brand_id}.safetensors")
+LORA_SUFFIX = ".safetensors"
+# Pickle-based formats can run code when loaded, so they are listed for the operator, never loaded.
+UNSUPPORTED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+METADATA_NAME = "metadata.json"
+METADATA_MAX_BYTES = 1024 * 1024  # a metadata file is a few hundred bytes; refuse to read a huge one
+HASH_CHUNK_BYTES = 1024 * 1024
+
+LORA_DIR_README = """\
+# LoRA folder
+
+One folder per brand. The folder name is the `brand_id` used in API requests: letters, digits,
+`_`, `.` and `-`, starting with a letter or digit, at most 64 characters, no `..`.
+
+## Versions
+
+A brand folder holds either version folders `v1`, `v2`, `v3`, ... (the highest number is the
+latest, so `v10` comes after `v9`), or the LoRA file directly (then the brand has a single version
+called `default`). When both exist, the version folders win. A version folder without a LoRA file
+is ignored, so an upload in progress never becomes the latest version.
+
+## File names
+
+Inside a version folder (or the brand folder) the LoRA file is looked up in this order:
+
+1. `style.safetensors`
+2. `lora.safetensors`
+3. `{brand_id}.safetensors`
+4. otherwise the only other `*.safetensors` file, if there is exactly one
+
+Only `.safetensors` files are loaded. `.ckpt`, `.bin`, `.pt`, `.pth` and `.pkl` files are pickles
+that can run code when opened: they are listed as unsupported and never loaded. Convert them to
+safetensors first.
+
+## metadata.json (optional)
+
+Put `metadata.json` beside the LoRA file (in the version folder); a `metadata.json` in the brand
+folder is used for versions that have none. It must be a JSON object. Known fields:
+
+- `training_steps` (int), `learning_rate` (float), `dataset_size` (int)
+- `base_model` (str), e.g. `"runwayml/stable-diffusion-v1-5"`
+- `version_notes` (str), `type` (str, e.g. `"style"` or `"character"`)
+- `trigger_words` (list of str)
+
+Any other fields are kept and returned as they are.
+
+## Example
+
+```
+loras/
+  acme/
+    metadata.json          # used by versions without their own
+    v1/
+      style.safetensors
+    v2/
+      style.safetensors
+      metadata.json
+  globex/
+    globex.safetensors     # single version "default"
+```
+
+`loras/acme/v2/metadata.json`:
+
+```json
+{
+  "training_steps": 2000,
+  "learning_rate": 0.0001,
+  "dataset_size": 40,
+  "base_model": "runwayml/stable-diffusion-v1-5",
+  "version_notes": "brighter palette, new logo colours",
+  "type": "style",
+  "trigger_words": ["acme style"]
+}
+```
+"""
+
+
+class InvalidLoraId(ValueError):
+    """A brand id or version is not an allowed name."""
+
+
+class UnsafeLoraPath(ValueError):
+    """A path (after following symlinks) leaves the LoRA root."""
+
+
+def validate_lora_id(value: str, field: str = "brand_id") -> str:
+    # fullmatch, not match: "$" also matches before a trailing newline.
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
+        raise InvalidLoraId(
+            f"{field} {value!r} is not valid: it must match {ID_PATTERN.pattern} "
+            "(letters, digits, '_', '.', '-'; at most 64 characters) and must not contain '..'"
+        )
+    return value
+
+
+def _validate_version(version: str) -> str:
+    validate_lora_id(version, field="version")
+    if version != DEFAULT_VERSION and not VERSION_PATTERN.fullmatch(version):
+        raise InvalidLoraId(
+            f"version {version!r} is not valid: it must match {VERSION_PATTERN.pattern} "
+            f"(v1, v2, ...) or be {DEFAULT_VERSION!r}"
+        )
+    return version
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    brand_id: str
+    version: str  # "v3" or "default"
+    path: Path  # fully resolved, checked inside root
+    size_bytes: int
+    mtime_ns: int
+    inode: int
+
+    @property
+    def fingerprint(self) -> tuple[int, int, int]:
+        # Changes when the file is rewritten or replaced (a new inode), without reading it.
+        return (self.size_bytes, self.mtime_ns, self.inode)
+
+    @property
+    def key(self) -> str:
+        """The cache key: the brand id, plus `@version` when the brand keeps version folders."""
+        return self.brand_id if self.version == DEFAULT_VERSION else f"{self.brand_id}@{self.version}"
+
+
+def _hash_file(path: Path) -> tuple[str, tuple[int, int, int]]:
+    """sha256 of the file and the fingerprint of the bytes actually read (taken from the open fd)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest(), (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class LoraRegistry:
+    def __init__(self, root: Path | str):
+        self.root = Path(os.path.realpath(root))
+        self._root_str = str(self.root)
+        self._hash_lock = threading.Lock()
+        # resolved path -> (fingerprint, sha256); one entry per file, so replacements don't pile up.
+        self._hashes: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        readme = self.root / "README.md"
+        if not readme.exists():
+            readme.write_text(LORA_DIR_README, encoding="utf-8")
+
+    def brand_ids(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        ids = []
+        for entry in entries:
+            if not ID_PATTERN.fullmatch(entry.name) or ".." in entry.name:
+                continue  # hidden names fail the pattern too
+            if not entry.is_dir() or not self._inside_root(os.path.realpath(entry.path)):
+                continue
+            ids.append(entry.name)
+        return sorted(ids)
+
+    def versions(self, brand_id: str) -> list[str]:
+        brand_id = validate_lora_id(brand_id)
+        brand_dir = self._brand_dir(brand_id)
+        if brand_dir is None:
+            return []
+        dirs = self._version_dirs(brand_dir)
+        found = [name for _, name in dirs if self._file_in(brand_dir / name, brand_id)]
+        if found:
+            return found
+        return [DEFAULT_VERSION] if self._file_in(brand_dir, brand_id) else []
+
+    def count(self) -> int:
+        total = 0
+        for brand_id in self.brand_ids():
+            try:
+                total += bool(self.versions(brand_id))
+            except UnsafeLoraPath:
+                continue  # a bad symlink makes that brand unusable, not the whole count
+        return total
+
+    def resolve(self, brand_id: str, version: str | None = None) -> LoraFile | None:
+        brand_id = validate_lora_id(brand_id)
+        if version is not None:
+            version = _validate_version(version)
+        brand_dir = self._brand_dir(brand_id)
+        if brand_dir is None:
+            return None
+
+        if version is None:
+            # Latest: walk version folders from the highest number and stop at the first with a file.
+            for _, name in reversed(self._version_dirs(brand_dir)):
+                found = self._file_in(brand_dir / name, brand_id)
+                if found is not None:
+                    return self._lora_file(brand_id, name, found)
+            found = self._file_in(brand_dir, brand_id)
+            return self._lora_file(brand_id, DEFAULT_VERSION, found) if found else None
+
+        if version == DEFAULT_VERSION:
+            # "default" only exists when no version folder holds a file (version folders win).
+            if any(self._file_in(brand_dir / name, brand_id) for _, name in self._version_dirs(brand_dir)):
+                return None
+            found = self._file_in(brand_dir, brand_id)
+        else:
+            found = self._file_in(brand_dir / version, brand_id)
+        return self._lora_file(brand_id, version, found) if found else None
+
+    def unsupported_files(self, brand_id: str) -> list[str]:
+        """Pickle-format files in the brand folder and its version folders, as 'name' or 'v2/name'."""
+        brand_id = validate_lora_id(brand_id)
+        brand_dir = self._brand_dir(brand_id)
+        if brand_dir is None:
+            return []
+        names = [name for name in self._file_names(brand_dir) if name.lower().endswith(UNSUPPORTED_SUFFIXES)]
+        for _, version in self._version_dirs(brand_dir):
+            version_dir = self._confined(brand_dir / version, brand_id)
+            names += [
+                f"{version}/{name}"
+                for name in self._file_names(version_dir)
+                if name.lower().endswith(UNSUPPORTED_SUFFIXES)
+            ]
+        return sorted(names)
+
+    # -- file facts -----------------------------------------------------------------------------
+
+    def sha256(self, lora_file: LoraFile) -> str:
+        """sha256 of the bytes now at lora_file.path, re-read only when the fingerprint changed.
+
+        If the file was replaced after `resolve`, this is the new file's hash (and it is cached under
+        the new file's fingerprint); resolve again to get a matching LoraFile.
+        """
+        with self._hash_lock:
+            cached = self._hashes.get(lora_file.path)
+        if cached is not None and cached[0] == lora_file.fingerprint:
+            return cached[1]
+        # Hash outside the lock: a big file must not block lookups of other files.
+        digest, fingerprint = _hash_file(lora_file.path)
+        with self._hash_lock:
+            self._hashes[lora_file.path] = (fingerprint, digest)
+        return digest
+
+    def metadata(self, lora_file: LoraFile) -> tuple[dict | None, str | None]:
+        """(metadata, error); a missing file is (None, None); a broken one never raises."""
+        validate_lora_id(lora_file.brand_id)
+        _validate_version(lora_file.version)
+        brand_dir = self.root / lora_file.brand_id
+        candidates = [brand_dir / METADATA_NAME]
+        if lora_file.version != DEFAULT_VERSION:
+            candidates.insert(0, brand_dir / lora_file.version / METADATA_NAME)
+        for candidate in candidates:
+            if not candidate.is_file():
+                continue
+            real = os.path.realpath(candidate)
+            if not self._inside_root(real):
+                return None, f"{METADATA_NAME} of brand {lora_file.brand_id!r} leads outside the LoRA root"
+            return _read_metadata(Path(real))
+        return None, None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _inside_root(self, real_path: str) -> bool:
+        return os.path.commonpath([self._root_str, real_path]) == self._root_str
+
+    def _confined(self, path: Path, brand_id: str) -> Path:
+        real = os.path.realpath(path)
+        if not self._inside_root(real):
+            # Name the brand, not the target: the target is none of the caller's business.
+            raise UnsafeLoraPath(f"LoRA path for brand {brand_id!r} leads outside the LoRA root")
+        return Path(real)
+
+    def _brand_dir(self, brand_id: str) -> Path | None:
+        """The brand folder as built from the id (not resolved), or None if absent; raises if unsafe."""
+        brand_dir = self.root / brand_id
+        self._confined(brand_dir, brand_id)
+        return brand_dir if brand_dir.is_dir() else None
+
+    def _version_dirs(self, brand_dir: Path) -> list[tuple[int, str]]:
+        """(number, name) of version folders, ascending by number so v2 < v10."""
+        found = []
+        for name in self._entry_names(brand_dir):
+            match = VERSION_PATTERN.fullmatch(name)
+            if match and len(name) <= 64 and (brand_dir / name).is_dir():
+                found.append((int(match.group(1)), name))
+        return sorted(found)
+
+    def _file_in(self, folder: Path, brand_id: str) -> Path | None:
+        """The LoRA file in a folder by the lookup order, resolved and confined; None if none."""
+        folder = self._confined(folder, brand_id)
+        for pattern in FILE_NAMES_IN_ORDER:
+            candidate = folder / pattern.format(brand_id=brand_id)
+            if candidate.is_file():
+                return self._confined(candidate, brand_id)
+        named = {pattern.format(brand_id=brand_id) for pattern in FILE_NAMES_IN_ORDER}
+        others = [
+            name for name in self._file_names(folder) if name.endswith(LORA_SUFFIX) and name not in named
+        ]
+        # Two unnamed files would make the choice a guess, so neither is used.
+        return self._confined(folder / others[0], brand_id) if len(others) == 1 else None
+
+    def _lora_file(self, brand_id: str, version: str, path: Path) -> LoraFile | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None  # removed between lookup and stat
+        return LoraFile(brand_id, version, path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+    @staticmethod
+    def _entry_names(folder: Path) -> list[str]:
+        try:
+            return [name for name in os.listdir(folder) if not name.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _file_names(self, folder: Path) -> list[str]:
+        # Hidden files are skipped: partial uploads and macOS "._x.safetensors" companions live there.
+        return sorted(name for name in self._entry_names(folder) if (folder / name).is_file())
+
+
+def _read_metadata(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(METADATA_MAX_BYTES + 1)
+    except OSError as exc:
+        return None, f"{METADATA_NAME} could not be read: {exc.strerror or exc}"
+    if len(raw) > METADATA_MAX_BYTES:
+        return None, f"{METADATA_NAME} is larger than {METADATA_MAX_BYTES} bytes"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, f"{METADATA_NAME} is not UTF-8 text"
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, f"{METADATA_NAME} is not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{METADATA_NAME} must hold a JSON object, found {type(data).__name__}"
+    return data, None
