@@ -1,0 +1,80 @@
+"""Every setting of the service, read once from the environment and `.env`, validated at start-up.
+
+Nothing else in the app reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# The reserved MODEL_ID that selects the tiny embedded SD-1.5-architecture model (random weights).
+EMBEDDED_MODEL_ID = "tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Model
+    model_id: str = Field(
+        EMBEDDED_MODEL_ID,
+        description="Hub id or local diffusers folder of an SD 1.5 model; 'tiny' = the embedded test model",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    model_cache_dir: Path = Field(PROJECT_ROOT / ".cache" / "models", description="where the embedded model is saved")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA only)")
+
+    # LoRA files and the resident adapter cache
+    lora_base_dir: Path = PROJECT_ROOT / "loras"
+    lora_cache_enabled: bool = True
+    lora_cache_max_size: int = Field(5, ge=1, le=1000)
+    lora_preload_brands: str = Field("", description="comma-separated brand ids loaded at start-up")
+    lora_max_per_request: int = Field(8, ge=1, le=64)
+    lora_max_file_mb: int = Field(1024, ge=1)
+
+    # Request bounds
+    max_width: int = Field(1024, ge=64)
+    max_height: int = Field(1024, ge=64)
+    max_pixels: int = Field(1024 * 1024, ge=64 * 64)
+    max_steps: int = Field(100, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_queue_size: int = Field(16, ge=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("MODEL_ID must not be empty (use 'tiny' for the embedded model)")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _device_dtype_fit(self) -> Settings:
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("DTYPE=float16 is not supported with DEVICE=cpu; use float32")
+        return self
+
+    @property
+    def preload_brands(self) -> list[str]:
+        return [b.strip() for b in self.lora_preload_brands.split(",") if b.strip()]
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        return self.model_id == EMBEDDED_MODEL_ID
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

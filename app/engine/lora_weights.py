@@ -1,0 +1,207 @@
+"""Turn a LoRA file into low-rank factors for the layers of the loaded model, and merge them.
+
+Reading uses diffusers' own state-dict conversion (kohya / PEFT / old diffusers key formats) and the
+same LoraConfig derivation `load_lora_weights` uses, so the per-layer scale is exactly diffusers'.
+Instead of injecting PEFT layers (which slow every denoising step), the engine merges
+`W = W0 + sum(weight * scale * up @ down)` into the weights, from a pristine copy of W0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+class LoraIncompatibleError(ValueError):
+    """The file is a LoRA, but not one this engine can apply to the loaded model."""
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One adapted layer: delta = scale * (up @ down), reshaped to the layer's weight shape."""
+
+    component: str  # "unet" or "text_encoder"
+    module: str  # module name inside the component
+    up: torch.Tensor  # (out_features, rank)
+    down: torch.Tensor  # (rank, in_features * kernel_h * kernel_w)
+    scale: float  # PEFT's scaling: lora_alpha / r (before the adapter weight)
+    up_bias: torch.Tensor | None = None  # lora_B bias, when the LoRA trained one
+
+    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
+        return (self.up @ self.down).reshape(weight_shape) * self.scale
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA's factors, on the engine's device, ready to be merged."""
+
+    layers: tuple[LoraLayer, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.up, layer.down))
+
+    @property
+    def components(self) -> set[str]:
+        return {layer.component for layer in self.layers}
+
+
+def read_lora_file(path: Path) -> list[LoraLayer]:
+    """Read a `.safetensors` LoRA into float32 CPU factors with diffusers' scales (no model needed)."""
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(path), use_safetensors=True, return_lora_metadata=True
+    )
+    if not state_dict:
+        raise LoraIncompatibleError("the file holds no LoRA weights")
+    not_lora = [k for k in state_dict if "lora" not in k]
+    if not_lora:
+        raise LoraIncompatibleError(f"keys without 'lora' in their name, e.g. {not_lora[0]!r}: not a LoRA file")
+    if any("lora_magnitude_vector" in k or "dora_scale" in k for k in state_dict):
+        raise LoraIncompatibleError("DoRA adapters are not supported; export a plain LoRA")
+    if any(".lokr_" in k or ".hada_" in k for k in state_dict):
+        raise LoraIncompatibleError("LoKr/LoHa adapters are not supported; export a plain LoRA")
+
+    layers = []
+    for component in COMPONENTS:
+        layers += _component_layers(component, state_dict, network_alphas, metadata)
+    unknown = {k.split(".", 1)[0] for k in state_dict} - set(COMPONENTS)
+    if not layers:
+        hint = f" (found prefixes: {', '.join(sorted(unknown))})" if unknown else ""
+        raise LoraIncompatibleError(f"no UNet or text-encoder LoRA layers found{hint}")
+    return layers
+
+
+def _component_layers(component, state_dict, network_alphas, metadata) -> list[LoraLayer]:
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from peft.utils.other import get_pattern_key
+
+    prefix = f"{component}."
+    sd = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not sd:
+        return []
+    meta = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} if metadata else None
+    alphas = None
+    if network_alphas:
+        alphas = {k.removeprefix(prefix): v for k, v in network_alphas.items() if k.startswith(prefix)}
+
+    # The same conversions diffusers applies in load_lora_adapter / _load_lora_into_text_encoder.
+    if component == "unet":
+        if "lora_A" not in next(iter(sd)):
+            sd = convert_unet_state_dict_to_peft(sd)
+        ranks = {f"^{k}": v.shape[1] for k, v in sd.items() if "lora_B" in k and v.ndim > 1}
+    else:
+        sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+        ranks = {k: v.shape[1] for k, v in sd.items() if "lora_B" in k and k.endswith(".weight") and v.ndim > 1}
+    if not ranks:
+        return []
+    config = _create_lora_config(sd, alphas, meta, ranks, is_unet=component == "unet")
+
+    layers = []
+    for module in sorted({k.split(".lora_", 1)[0] for k in sd}):
+        down, up = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
+        if down is None or up is None:
+            raise LoraIncompatibleError(f"layer {component}.{module} has only one of its two LoRA matrices")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        bias = sd.get(f"{module}.lora_B.bias")
+        layers.append(
+            LoraLayer(
+                component=component,
+                module=module,
+                up=up.detach().to(torch.float32).flatten(1),
+                down=down.detach().to(torch.float32).flatten(1),
+                scale=float(scale),
+                up_bias=None if bias is None else bias.detach().to(torch.float32),
+            )
+        )
+    return layers
+
+
+def fit_layers(
+    layers: Iterable[LoraLayer], targets: dict[tuple[str, str], nn.Module], device, dtype
+) -> LoraWeights:
+    """Match layers to the model's modules, check shapes, and move the factors to the device.
+
+    A LoRA for another architecture (SDXL, SD 2.x) is refused here with the reason, rather than
+    silently ignoring its unmatched keys.
+    """
+    fitted, missing, misshapen = [], [], []
+    for layer in layers:
+        module = _find_module(targets, layer.component, layer.module)
+        if module is None:
+            missing.append(f"{layer.component}.{layer.module}")
+            continue
+        weight = module.weight
+        expected = (weight.shape[0], math.prod(weight.shape[1:]))
+        rank_matches = layer.up.shape[1] == layer.down.shape[0]
+        if (layer.up.shape[0], layer.down.shape[1]) != expected or not rank_matches:
+            misshapen.append(
+                f"{layer.component}.{layer.module} (LoRA {tuple(layer.up.shape[:1])}x{tuple(layer.down.shape[1:])},"
+                f" model {tuple(weight.shape)})"
+            )
+            continue
+        # Factors stay float32 where the model is float32; on a float16 GPU they are kept in the model
+        # dtype to halve their memory, and the product is still accumulated in float32 when merging.
+        fitted.append(
+            LoraLayer(
+                component=layer.component,
+                module=_module_name(targets, layer.component, layer.module),
+                up=layer.up.to(device=device, dtype=dtype),
+                down=layer.down.to(device=device, dtype=dtype),
+                scale=layer.scale,
+                up_bias=None if layer.up_bias is None else layer.up_bias.to(device=device, dtype=dtype),
+            )
+        )
+    if missing or misshapen:
+        total = len(missing) + len(misshapen) + len(fitted)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {total} layers do not exist in the loaded model (e.g. {missing[0]})")
+        if misshapen:
+            parts.append(f"{len(misshapen)} of {total} layers have the wrong shape (e.g. {misshapen[0]})")
+        raise LoraIncompatibleError(
+            "this LoRA does not fit the loaded Stable Diffusion 1.5 model: "
+            + "; ".join(parts)
+            + ". Was it trained for another base model (SDXL, SD 2.x)?"
+        )
+    return LoraWeights(layers=tuple(fitted))
+
+
+def _module_name(targets, component: str, module: str) -> str:
+    for name in _name_variants(module):
+        if (component, name) in targets:
+            return name
+    return module
+
+
+def _find_module(targets, component: str, module: str) -> nn.Module | None:
+    return targets.get((component, _module_name(targets, component, module)))
+
+
+def _name_variants(module: str) -> tuple[str, ...]:
+    # Recent transformers flatten CLIPTextModel (no `text_model.`); older LoRA files still carry it.
+    if module.startswith("text_model."):
+        return (module, module.removeprefix("text_model."))
+    return (module, f"text_model.{module}")
+
+
+def adaptable_modules(components: dict[str, nn.Module]) -> dict[tuple[str, str], nn.Module]:
+    """Every Linear / Conv2d layer a LoRA may target, keyed by (component, module name)."""
+    return {
+        (component, name): module
+        for component, model in components.items()
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    }

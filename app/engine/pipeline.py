@@ -1,0 +1,260 @@
+"""The only owner of the diffusers pipeline: loading, generation, and merging adapters into it.
+
+One pipeline, one generation at a time (the pipeline and its scheduler hold state). Adapters are
+kept resident as low-rank factors on the device; the set a request asks for is merged into the
+weights just before its generation, from pristine copies of the touched weights, so switching costs
+milliseconds and a denoising step costs the same as the base model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from app.config import Settings
+from app.engine.embedded import embedded_model_path
+from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
+
+logger = logging.getLogger(__name__)
+
+CLIP_MAX_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    """One adapter of a request's set, with the weight it is applied at."""
+
+    key: str
+    weights: LoraWeights
+    weight: float
+
+
+@dataclass
+class GenerationResult:
+    image: object  # PIL.Image.Image
+    lora_ms: float
+    generation_ms: float
+    warnings: list[str] = field(default_factory=list)
+
+
+class GenerationOutOfMemory(RuntimeError):
+    """The device ran out of memory during one generation; the engine has released what it could."""
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is available (use DEVICE=auto or cpu)")
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+class DiffusionEngine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.model_path = self._model_source(settings)
+        self.pipe = self._load_pipeline(self.model_path)
+        self._targets = adaptable_modules({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder})
+        self._lock = threading.Lock()
+        self._merge_dtype = torch.float64 if self.dtype == torch.float32 else torch.float32
+        self._pristine: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._merged_modules: set[tuple[str, str]] = set()
+        # What is merged now: (key, weights object, weight) per adapter. Objects, not keys, so that a
+        # reloaded file under the same key never matches the stale merge.
+        self._merged_set: tuple[tuple[str, LoraWeights, float], ...] = ()
+        self._resident: dict[str, LoraWeights] = {}
+        self._resident_lock = threading.Lock()
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _model_source(settings: Settings) -> str:
+        if settings.uses_embedded_model:
+            return str(embedded_model_path(settings.model_cache_dir))
+        return settings.model_id
+
+    def _load_pipeline(self, source: str):
+        from diffusers import StableDiffusionPipeline
+
+        logger.info("loading %s on %s (%s)", source, self.device, self.dtype)
+        # A local folder loads without network; a hub id goes through the normal hub download.
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=self.dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=Path(source).is_dir(),
+        )
+        pipe = pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        if self.settings.compile_unet and self.device == "cuda":
+            # Weights are patched in place when adapters switch, which does not trigger recompilation.
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        return pipe
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_id
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def load_adapter(self, key: str, path: Path) -> LoraWeights:
+        """Read a LoRA file and keep its factors resident on the device. Runs outside the generation lock."""
+        weights = fit_layers(read_lora_file(path), self._targets, self.device, self.dtype)
+        with self._resident_lock:
+            self._resident[key] = weights
+        return weights
+
+    def remove_adapter(self, key: str) -> bool:
+        """Forget a resident adapter. A request already holding it still finishes with it."""
+        with self._resident_lock:
+            return self._resident.pop(key, None) is not None
+
+    def resident_adapters(self) -> list[str]:
+        with self._resident_lock:
+            return list(self._resident)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self, spec: GenerationSpec, adapters: Sequence[ActiveAdapter] = (), output_type: str = "pil"
+    ) -> GenerationResult:
+        """Generate one image; `output_type="np"` gives the float image in 0..1 (for exact comparisons)."""
+        warnings = self._prompt_warnings(spec)
+        with self._lock:
+            t0 = time.perf_counter()
+            self._activate(adapters)
+            t1 = time.perf_counter()
+            try:
+                image = self._run_pipeline(spec, output_type)
+            except torch.OutOfMemoryError as exc:
+                self._release_memory()
+                raise GenerationOutOfMemory(str(exc).splitlines()[0]) from exc
+            t2 = time.perf_counter()
+        return GenerationResult(image, (t1 - t0) * 1000, (t2 - t1) * 1000, warnings)
+
+    def _run_pipeline(self, spec: GenerationSpec, output_type: str):
+        # The generator lives on the CPU so that a seed gives the same image on every device.
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        with torch.inference_mode():
+            return self.pipe(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.num_inference_steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generator,
+                output_type=output_type,
+            ).images[0]
+
+    def _prompt_warnings(self, spec: GenerationSpec) -> list[str]:
+        warnings = []
+        for field_name in ("prompt", "negative_prompt"):
+            text = getattr(spec, field_name)
+            if text:
+                n = len(self.pipe.tokenizer(text, truncation=False).input_ids)
+                if n > CLIP_MAX_TOKENS:
+                    warnings.append(
+                        f"{field_name} is {n} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest is ignored"
+                    )
+        return warnings
+
+    def _activate(self, adapters: Sequence[ActiveAdapter]) -> None:
+        """Make the weights equal base + the requested adapters, touching only what changes.
+
+        Adapters are merged in key order so that the order of a request's list cannot change the bits.
+        Weight-0 adapters are left out: W + 0 * delta is W.
+        """
+        wanted = sorted((a for a in adapters if a.weight != 0.0), key=lambda a: a.key)
+        signature = tuple((a.key, a.weights, a.weight) for a in wanted)
+        if len(signature) == len(self._merged_set) and all(
+            k1 == k2 and w1 is w2 and x1 == x2
+            for (k1, w1, x1), (k2, w2, x2) in zip(signature, self._merged_set, strict=True)
+        ):
+            return
+        with torch.no_grad():
+            self._restore_base()
+            totals: dict[tuple[str, str], list] = {}
+            for adapter in wanted:
+                for layer in adapter.weights.layers:
+                    target = (layer.component, layer.module)
+                    self._save_pristine(target)
+                    module = self._targets[target]
+                    delta = layer.delta(module.weight.shape).to(self._merge_dtype) * adapter.weight
+                    bias = None
+                    if layer.up_bias is not None:
+                        bias = layer.up_bias.to(self._merge_dtype) * (layer.scale * adapter.weight)
+                    if target in totals:
+                        totals[target][0] += delta
+                        if bias is not None:
+                            totals[target][1] = bias if totals[target][1] is None else totals[target][1] + bias
+                    else:
+                        totals[target] = [delta, bias]
+            for target, (delta, bias) in totals.items():
+                module = self._targets[target]
+                weight0, bias0 = self._pristine[target]
+                # Sum in a wider dtype and round once, so the merge adds as little error as possible.
+                module.weight.copy_((weight0.to(self._merge_dtype) + delta).to(module.weight.dtype))
+                if bias is not None and module.bias is not None:
+                    module.bias.copy_((bias0.to(self._merge_dtype) + bias).to(module.bias.dtype))
+                self._merged_modules.add(target)
+        self._merged_set = signature
+
+    def _save_pristine(self, target: tuple[str, str]) -> None:
+        if target not in self._pristine:
+            module = self._targets[target]
+            bias = None if module.bias is None else module.bias.detach().clone()
+            self._pristine[target] = (module.weight.detach().clone(), bias)
+
+    def _restore_base(self) -> None:
+        for target in self._merged_modules:
+            module = self._targets[target]
+            weight0, bias0 = self._pristine[target]
+            module.weight.copy_(weight0)
+            if bias0 is not None:
+                module.bias.copy_(bias0)
+        self._merged_modules.clear()
+        self._merged_set = ()
+
+    def restore_base(self) -> None:
+        """Put the pristine base weights back (used when the adapter cache is cleared)."""
+        with self._lock, torch.no_grad():
+            self._restore_base()
+
+    def _release_memory(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_stats(self) -> dict[str, int]:
+        if self.device != "cuda":
+            return {}
+        return {
+            "gpu_allocated_bytes": torch.cuda.memory_allocated(),
+            "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        }
