@@ -1,0 +1,52 @@
+"""FastAPI dependencies that hand routes the app's state and services."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from app.config import Settings
+from app.lora.manager import LoraManager
+from app.lora.registry import LoraRegistry
+from app.service import GenerationService
+from app.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.service_state
+
+
+def _require_ready(state: AppState) -> None:
+    if not state.ready:
+        detail = "the model is still loading; retry shortly"
+        if state.load_error:
+            detail = f"the model failed to load: {state.load_error}"
+        raise HTTPException(status_code=503, detail=detail, headers={"Retry-After": "5"})
+
+
+def get_service(state: Annotated[AppState, Depends(get_state)]) -> GenerationService:
+    _require_ready(state)
+    return state.service
+
+
+def get_loras(state: Annotated[AppState, Depends(get_state)]) -> LoraManager:
+    _require_ready(state)
+    return state.loras
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+LorasDep = Annotated[LoraManager, Depends(get_loras)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_registry(state: StateDep) -> LoraRegistry:
+    return state.registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+RegistryDep = Annotated[LoraRegistry, Depends(get_registry)]

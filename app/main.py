@@ -1,0 +1,125 @@
+"""Builds the FastAPI app: settings, LoRA registry, engine (loaded in the background), routes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app import __version__
+from app.api.routes import generate, health, lora
+from app.config import Settings
+from app.engine.pipeline import GenerationOutOfMemory
+from app.lora.manager import LoraUnavailable
+from app.lora.registry import InvalidLoraId, LoraRegistry, UnsafeLoraPath
+from app.queueing import ClientGone, QueueFull, QueueTimeout
+from app.service import InvalidRequest
+from app.state import AppState
+
+logger = logging.getLogger("app")
+
+
+def load_settings() -> Settings:
+    """Read the settings, or stop with a message that names each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            lines.append(f"  {variable}={error.get('input')!r}: {error['msg']}")
+        raise SystemExit("Invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = LoraRegistry(settings.lora_base_dir)
+    state = AppState(settings=settings, registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry.ensure_root()
+        threading.Thread(target=state.load, name="model-loader", daemon=True).start()
+        yield
+        if state.queue is not None:
+            state.queue.shutdown()
+
+    app = FastAPI(
+        title="Brand image service",
+        version=__version__,
+        description="Stable Diffusion 1.5 image generation with per-brand LoRA adapters.",
+        lifespan=lifespan,
+    )
+    app.state.service_state = state
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(lora.router)
+    _add_error_handlers(app)
+    return app
+
+
+def _field_error(field: str, message: str, kind: str = "value_error") -> list[dict]:
+    # The same shape FastAPI uses for schema errors, so clients parse one format.
+    return [{"loc": ["body", field], "msg": message, "type": kind}]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def invalid_request(_: Request, exc: InvalidRequest):
+        return JSONResponse(status_code=422, content={"detail": _field_error(exc.field, str(exc))})
+
+    @app.exception_handler(InvalidLoraId)
+    async def invalid_id(_: Request, exc: InvalidLoraId):
+        return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc))})
+
+    @app.exception_handler(UnsafeLoraPath)
+    async def unsafe_path(_: Request, exc: UnsafeLoraPath):
+        return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc))})
+
+    @app.exception_handler(LoraUnavailable)
+    async def lora_unavailable(_: Request, exc: LoraUnavailable):
+        return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc), "lora_unavailable")})
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull):
+        return JSONResponse(
+            status_code=429,
+            content={"detail": f"the service is busy: {exc}"},
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    @app.exception_handler(QueueTimeout)
+    async def queue_timeout(_: Request, exc: QueueTimeout):
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone):
+        return JSONResponse(status_code=499, content={"detail": "the client closed the connection"})
+
+    @app.exception_handler(GenerationOutOfMemory)
+    async def out_of_memory(_: Request, exc: GenerationOutOfMemory):
+        return JSONResponse(
+            status_code=503,
+            content={"detail": f"the GPU ran out of memory for this request ({exc}); try a smaller size"},
+            headers={"Retry-After": "5"},
+        )
+
+
+def run() -> None:
+    """Console entry: serve on HOST:PORT from the settings."""
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    sys.exit(run())
