@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     max_steps: int = Field(100, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
 
+    # A/B tests
+    ab_max_variants: int = Field(16, ge=1, le=256)
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="where the A/B test store (SQLite) lives")
+
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app import __version__
-from app.api.routes import generate, health, lora
+from app.api.routes import ab_test, generate, health, lora
 from app.config import Settings
 from app.engine.pipeline import GenerationOutOfMemory
 from app.lora.manager import LoraUnavailable
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(lora.router)
+    app.include_router(ab_test.router)
     _add_error_handlers(app)
     return app
 

@@ -20,6 +20,7 @@ class AppState:
     loras: object | None = None  # LoraManager
     service: object | None = None  # GenerationService
     queue: object | None = None  # GenerationQueue
+    ab_store: object | None = None  # AbStore, opened on first use
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
