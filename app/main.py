@@ -15,6 +15,7 @@ from app import __version__
 from app.api.routes import ab_test, generate, health, lora
 from app.config import Settings
 from app.engine.pipeline import GenerationOutOfMemory
+from app.lora.catalog import LoraCatalog, LoraNotFound
 from app.lora.manager import LoraUnavailable
 from app.lora.registry import InvalidLoraId, LoraRegistry, UnsafeLoraPath
 from app.queueing import ClientGone, QueueFull, QueueTimeout
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = LoraRegistry(settings.lora_base_dir)
-    state = AppState(settings=settings, registry=registry)
+    state = AppState(settings=settings, registry=registry, catalog=LoraCatalog(registry, settings.lora_max_file_mb))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,6 +87,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraUnavailable)
     async def lora_unavailable(_: Request, exc: LoraUnavailable):
         return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc), "lora_unavailable")})
+
+    @app.exception_handler(LoraNotFound)
+    async def lora_not_found(_: Request, exc: LoraNotFound):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull):

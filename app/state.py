@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from app.config import Settings
+from app.lora.catalog import LoraCatalog
 from app.lora.registry import LoraRegistry
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 class AppState:
     settings: Settings
     registry: LoraRegistry
+    catalog: LoraCatalog
     engine: object | None = None  # DiffusionEngine, once loaded
     loras: object | None = None  # LoraManager
     service: object | None = None  # GenerationService

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from app.config import Settings
+from app.lora.catalog import LoraCatalog
 from app.lora.manager import LoraManager
 from app.lora.registry import LoraRegistry
 from app.service import GenerationService
@@ -48,5 +49,10 @@ def get_registry(state: StateDep) -> LoraRegistry:
     return state.registry
 
 
+def get_catalog(state: StateDep) -> LoraCatalog:
+    return state.catalog
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+CatalogDep = Annotated[LoraCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[LoraRegistry, Depends(get_registry)]

@@ -121,3 +121,51 @@ class CacheStatsPublic(BaseModel):
 
 class CacheClearPublic(BaseModel):
     cleared: int
+
+
+class LoraSummaryPublic(BaseModel):
+    brand_id: str
+    versions: list[str]
+    latest: str | None
+    file: str | None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    format: str | None = None
+    cached: bool = False
+    valid: bool
+    invalid_reason: str | None = None
+    type: str | None = None
+    metadata_summary: dict | None = None
+    unsupported_files: list[str] = Field(default_factory=list, description="pickle files that are never loaded")
+
+
+class LoraListPublic(BaseModel):
+    data: list[LoraSummaryPublic]
+    count: int = Field(description="total number of brands (all pages)")
+    offset: int
+    limit: int
+
+
+class LoraFilePublic(BaseModel):
+    path: str
+    size_bytes: int
+    sha256: str
+    format: str | None = Field(description="kohya, peft or diffusers (from the key names)")
+    rank: int | None
+    alpha: float | None
+    target_modules: int | None
+    has_text_encoder: bool | None
+    dtype: str | None
+    valid: bool
+    invalid_reason: str | None
+    cached: bool
+
+
+class LoraMetadataPublic(BaseModel):
+    brand_id: str
+    version: str
+    versions: list[str]
+    latest: str
+    metadata: dict | None = Field(description="metadata.json beside the file, fields kept as they are")
+    metadata_error: str | None = None
+    file: LoraFilePublic

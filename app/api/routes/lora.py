@@ -1,13 +1,30 @@
-"""LoRA cache endpoints: stats and clear."""
+"""LoRA endpoints: list, metadata, cache stats and clear."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app.api.deps import LorasDep
-from app.api.schemas import CacheClearPublic, CacheStatsPublic
+from fastapi import APIRouter, Path, Query
+
+from app.api.deps import CatalogDep, LorasDep, StateDep
+from app.api.schemas import CacheClearPublic, CacheStatsPublic, LoraListPublic, LoraMetadataPublic
+from app.lora.registry import ID_PATTERN
 
 router = APIRouter(prefix="/lora", tags=["lora"])
+
+BrandPath = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the brand's folder name")]
+
+
+@router.get("/list", response_model=LoraListPublic)
+def list_loras(
+    catalog: CatalogDep,
+    state: StateDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> LoraListPublic:
+    """One entry per brand, sorted by id; `count` is the total, `offset`/`limit` page through it."""
+    data, total = catalog.list(state.loras, offset, limit)
+    return LoraListPublic(data=data, count=total, offset=offset, limit=limit)
 
 
 @router.get("/cache/stats", response_model=CacheStatsPublic)
@@ -18,3 +35,14 @@ def cache_stats(loras: LorasDep) -> CacheStatsPublic:
 @router.post("/cache/clear", response_model=CacheClearPublic)
 def cache_clear(loras: LorasDep) -> CacheClearPublic:
     return CacheClearPublic(cleared=loras.clear_cache())
+
+
+@router.get("/{brand_id}/metadata", response_model=LoraMetadataPublic)
+def lora_metadata(
+    brand_id: BrandPath,
+    catalog: CatalogDep,
+    state: StateDep,
+    version: Annotated[str | None, Query(pattern=ID_PATTERN.pattern)] = None,
+) -> LoraMetadataPublic:
+    """metadata.json beside the file, and facts read from the safetensors header (no tensors loaded)."""
+    return LoraMetadataPublic(**catalog.describe(brand_id, version, state.loras))

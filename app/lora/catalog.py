@@ -1,0 +1,123 @@
+"""What operators see of the LoRA folder: the list and each LoRA's metadata and file facts.
+
+Joins the registry (files, versions, metadata.json, sha256), the header gate (format, rank, alpha,
+targets; read without loading tensors, cached per file fingerprint) and the manager (cached or
+invalid). No torch here.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from app.lora.inspect import InvalidLoraFile, LoraHeaderInfo, read_lora_header
+from app.lora.registry import LoraFile, LoraRegistry, UnsafeLoraPath
+
+# Metadata fields shown in the list's short summary (the full metadata is on the metadata endpoint).
+SUMMARY_FIELDS = ("type", "base_model", "training_steps", "version_notes", "trigger_words")
+
+
+class LoraNotFound(LookupError):
+    pass
+
+
+class LoraCatalog:
+    def __init__(self, registry: LoraRegistry, max_file_mb: int):
+        self.registry = registry
+        self.max_file_bytes = max_file_mb * 1024 * 1024
+        self._headers: dict[Path, tuple[tuple[int, int, int], LoraHeaderInfo | None, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def header(self, lora_file: LoraFile) -> tuple[LoraHeaderInfo | None, str | None]:
+        """(facts, None) or (None, why the file is refused); re-read only when the file changed."""
+        with self._lock:
+            cached = self._headers.get(lora_file.path)
+        if cached is not None and cached[0] == lora_file.fingerprint:
+            return cached[1], cached[2]
+        try:
+            info, error = read_lora_header(lora_file.path, self.max_file_bytes), None
+        except (InvalidLoraFile, OSError) as exc:
+            info, error = None, str(exc)
+        with self._lock:
+            self._headers[lora_file.path] = (lora_file.fingerprint, info, error)
+        return info, error
+
+    def list(self, manager=None, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
+        """One entry per brand (sorted by id), a page of them, and the total number of brands."""
+        brand_ids = self.registry.brand_ids()
+        return [self._summary(b, manager) for b in brand_ids[offset : offset + limit]], len(brand_ids)
+
+    def _summary(self, brand_id: str, manager) -> dict:
+        entry: dict = {"brand_id": brand_id, "versions": [], "latest": None, "file": None, "valid": False}
+        try:
+            entry["versions"] = self.registry.versions(brand_id)
+            entry["unsupported_files"] = self.registry.unsupported_files(brand_id)
+            lora_file = self.registry.resolve(brand_id)
+        except UnsafeLoraPath as exc:
+            entry["invalid_reason"] = str(exc)
+            return entry
+        if lora_file is None:
+            entry["invalid_reason"] = "no .safetensors LoRA file in this brand folder"
+            return entry
+        metadata, _ = self.registry.metadata(lora_file)
+        facts = self.file_facts(lora_file, manager)
+        entry.update(
+            latest=lora_file.version,
+            file=facts["path"],
+            size_bytes=facts["size_bytes"],
+            sha256=facts["sha256"],
+            format=facts["format"],
+            cached=facts["cached"],
+            valid=facts["valid"],
+            invalid_reason=facts["invalid_reason"],
+            type=(metadata or {}).get("type"),
+            metadata_summary={k: metadata[k] for k in SUMMARY_FIELDS if metadata and k in metadata} or None,
+        )
+        return entry
+
+    def describe(self, brand_id: str, version: str | None, manager=None) -> dict:
+        """The metadata endpoint's body; raises LoraNotFound naming what exists."""
+        versions = self.registry.versions(brand_id)
+        if not versions:
+            raise LoraNotFound(f"no LoRA for brand_id {brand_id!r}")
+        lora_file = self.registry.resolve(brand_id, version)
+        if lora_file is None:
+            raise LoraNotFound(f"brand {brand_id!r} has no version {version!r}; versions: {', '.join(versions)}")
+        metadata, metadata_error = self.registry.metadata(lora_file)
+        return {
+            "brand_id": brand_id,
+            "version": lora_file.version,
+            "versions": versions,
+            "latest": versions[-1],
+            "metadata": metadata,
+            "metadata_error": metadata_error,
+            "file": self.file_facts(lora_file, manager),
+        }
+
+    def file_facts(self, lora_file: LoraFile, manager=None) -> dict:
+        info, header_error = self.header(lora_file)
+        load_error = manager.invalid_reason(lora_file) if manager is not None else None
+        facts = {
+            "path": str(lora_file.path.relative_to(self.registry.root)),
+            "size_bytes": lora_file.size_bytes,
+            "sha256": self.registry.sha256(lora_file),
+            "format": None,
+            "rank": None,
+            "alpha": None,
+            "target_modules": None,
+            "has_text_encoder": None,
+            "dtype": None,
+            "valid": header_error is None and load_error is None,
+            "invalid_reason": header_error or load_error,
+            "cached": manager.is_cached(lora_file) if manager is not None else False,
+        }
+        if info is not None:
+            facts.update(
+                format=info.format,
+                rank=info.rank,
+                alpha=info.alpha,
+                target_modules=info.target_modules,
+                has_text_encoder=info.has_text_encoder,
+                dtype=info.dtype,
+            )
+        return facts
