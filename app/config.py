@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +57,21 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Auth: with no keys set everything is open (start-up logs a warning).
+    api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")
+    admin_api_key: SecretStr | None = Field(None, description="Bearer key for POST /lora/cache/clear")
+
     @field_validator("model_id")
     @classmethod
     def _model_id_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("MODEL_ID must not be empty (use 'tiny' for the embedded model)")
         return value.strip()
+
+    @field_validator("api_key", "admin_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _device_dtype_fit(self) -> Settings:

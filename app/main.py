@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app import __version__
 from app.api.routes import ab_test, generate, health, lora
+from app.api.routes import metrics as metrics_routes
+from app.api.security import AuthMiddleware
 from app.config import Settings
 from app.engine.pipeline import GenerationOutOfMemory
 from app.lora.catalog import LoraCatalog, LoraNotFound
 from app.lora.manager import LoraUnavailable
 from app.lora.registry import InvalidLoraId, LoraRegistry, UnsafeLoraPath
+from app.observability import BodyLimitMiddleware, RequestContextMiddleware, RequestIdLogFilter, ServiceMetrics
 from app.queueing import ClientGone, QueueFull, QueueTimeout
 from app.service import InvalidRequest
 from app.state import AppState
@@ -39,7 +44,7 @@ def load_settings() -> Settings:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings.log_level)
     registry = LoraRegistry(settings.lora_base_dir)
     state = AppState(settings=settings, registry=registry, catalog=LoraCatalog(registry, settings.lora_max_file_mb))
 
@@ -58,7 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service_state = state
+    state.metrics = metrics = ServiceMetrics(state)
+    # Added inside-out: the request context is outermost, so refusals get an id and are counted too.
+    app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(generate.router)
     app.include_router(lora.router)
     app.include_router(ab_test.router)
@@ -66,12 +77,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _configure_logging(level: str) -> None:
+    """App logs carry the request id; configured once per process."""
+    logger.setLevel(level.upper())
+    if not any(isinstance(f, RequestIdLogFilter) for h in logger.handlers for f in h.filters):
+        handler = logging.StreamHandler()
+        handler.addFilter(RequestIdLogFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _field_error(field: str, message: str, kind: str = "value_error") -> list[dict]:
     # The same shape FastAPI uses for schema errors, so clients parse one format.
     return [{"loc": ["body", field], "msg": message, "type": kind}]
 
 
+def _safe_input(value):
+    """The offending input, echoed only when it is a small JSON-safe scalar (never NaN or a huge string)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= 100 else value[:100] + "..."
+    return None
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        detail = []
+        for error in exc.errors():
+            item = {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+            if "input" in error and _safe_input(error["input"]) is not None:
+                item["input"] = _safe_input(error["input"])
+            detail.append(item)
+        return JSONResponse(status_code=422, content={"detail": detail})
+
     @app.exception_handler(InvalidRequest)
     async def invalid_request(_: Request, exc: InvalidRequest):
         return JSONResponse(status_code=422, content={"detail": _field_error(exc.field, str(exc))})

@@ -8,6 +8,7 @@ that waited longer than `timeout_s`, or whose client went away, gives its place 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -81,7 +82,8 @@ class GenerationQueue:
                     self._running -= 1
                     self._recent_ms = 0.8 * self._recent_ms + 0.2 * (time.perf_counter() - started_at[0]) * 1000
 
-        future: Future = self._executor.submit(job)
+        # Run in a copy of this request's context, so the worker's log lines carry its request id.
+        future: Future = self._executor.submit(contextvars.copy_context().run, job)
         try:
             await self._wait_for_start(started, submitted, disconnected)
             result = await asyncio.wrap_future(future)

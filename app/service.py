@@ -52,8 +52,11 @@ logger = logging.getLogger(__name__)
 
 
 class GenerationService:
-    def __init__(self, settings: Settings, engine: DiffusionEngine, loras: LoraManager, queue: GenerationQueue):
+    def __init__(
+        self, settings: Settings, engine: DiffusionEngine, loras: LoraManager, queue: GenerationQueue, metrics=None
+    ):
         self.settings = settings
+        self.metrics = metrics
         self.engine = engine
         self.loras = loras
         self.queue = queue
@@ -97,6 +100,8 @@ class GenerationService:
             )
         finally:
             self.loras.release(acquired)
+        if self.metrics is not None:
+            self.metrics.generation_seconds.observe(result.generation_ms / 1000)
         png = await run_in_threadpool(encode_png, result.image)
         return GenerationOutcome(
             png=png,

@@ -23,6 +23,7 @@ class AppState:
     service: object | None = None  # GenerationService
     queue: object | None = None  # GenerationQueue
     ab_store: object | None = None  # AbStore, opened on first use
+    metrics: object | None = None  # ServiceMetrics
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -49,7 +50,7 @@ class AppState:
             self.preload = loras.preload(s.preload_brands)
             self.queue = GenerationQueue(s.max_queue_size, s.request_timeout_s)
             self.engine, self.loras = engine, loras
-            self.service = GenerationService(s, engine, loras, self.queue)
+            self.service = GenerationService(s, engine, loras, self.queue, self.metrics)
             self._ready.set()
             logger.info("ready: model %s on %s (%s)", s.model_id, engine.device, engine.dtype)
         except Exception as exc:  # reported by /ready; the process stays up to say why

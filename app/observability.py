@@ -1,0 +1,168 @@
+"""Request ids in logs and responses, request body limit, and Prometheus metrics.
+
+Metrics live in a registry per app (tests build many apps). Cache, queue and LoRA numbers are read
+from their owners when /metrics is scraped, so those owners need no metrics code.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RequestIdLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class ServiceMetrics:
+    def __init__(self, state):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests", "HTTP requests by endpoint and status", ["method", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "http_request_duration_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generation_seconds = Histogram(
+            "generation_duration_seconds", "Time in the diffusion pipeline per image", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(state))
+
+
+class _StateCollector:
+    """Reads queue, cache and LoRA numbers from the running app at scrape time."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        state = self.state
+        depth = GaugeMetricFamily("generation_queue_depth", "Generations waiting or running")
+        depth.add_metric([], state.queue.depth if state.queue is not None else 0)
+        yield depth
+        manager = state.loras
+        if manager is None:
+            return
+        stats = manager.cache_stats()
+        for name, value, doc in (
+            ("lora_cache_hits", stats.hits, "LoRA lookups served from the resident cache"),
+            ("lora_cache_misses", stats.misses, "LoRA lookups that were not in the cache"),
+            ("lora_cache_evictions", stats.evictions, "Adapters evicted to make room"),
+            ("lora_loads", manager.loads, "LoRA files loaded"),
+            ("lora_load_seconds", manager.load_seconds, "Seconds spent loading LoRA files"),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            yield counter
+        for name, value, doc in (
+            ("lora_resident_adapters", len(manager.engine.resident_adapters()), "Adapters resident on the device"),
+            ("lora_cache_size", stats.size, "Entries in the LoRA cache"),
+            ("lora_invalid_files", manager.invalid_count(), "LoRA files refused as invalid"),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (X-Request-ID in, or a new one), counts it and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = [500]
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], endpoint, str(status[0])).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            request_id_var.reset(token)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = JSONResponse(
+            status_code=413, content={"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
+        )
+        await response(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
