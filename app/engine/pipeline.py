@@ -145,8 +145,9 @@ class DiffusionEngine:
         self, spec: GenerationSpec, adapters: Sequence[ActiveAdapter] = (), output_type: str = "pil"
     ) -> GenerationResult:
         """Generate one image; `output_type="np"` gives the float image in 0..1 (for exact comparisons)."""
-        warnings = self._prompt_warnings(spec)
         with self._lock:
+            # Inside the lock: the fast tokenizer's truncation setting is shared state the pipeline also sets.
+            warnings = self._prompt_warnings(spec)
             t0 = time.perf_counter()
             self._activate(adapters)
             t1 = time.perf_counter()
