@@ -114,12 +114,13 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+    """Refuses request bodies over `max_bytes` with 413, whether or not Content-Length is sent.
+
+    Without a Content-Length the body is read here, up to the limit, before the app sees it: an
+    exception raised from inside the app's `receive` would reach FastAPI's body parser, which turns
+    any error into a 400 "error parsing the body".
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -131,34 +132,38 @@ class BodyLimitMiddleware:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+            if message["type"] != "http.request":
+                # The client went away before sending the whole body: let the app see the disconnect.
+                return await self.app(scope, _replay([message], receive), send)
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
     async def _refuse(self, scope, receive, send) -> None:
         response = JSONResponse(
             status_code=413, content={"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
         )
         await response(scope, receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives back `messages` first, then what the server sends (e.g. a disconnect)."""
+    pending = list(messages)
+
+    async def replaying_receive() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replaying_receive
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
