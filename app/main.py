@@ -20,7 +20,7 @@ from app.api.security import AuthMiddleware
 from app.config import Settings
 from app.engine.pipeline import GenerationOutOfMemory
 from app.lora.catalog import LoraCatalog, LoraNotFound
-from app.lora.manager import LoraUnavailable
+from app.lora.manager import DuplicateLora, LoraUnavailable
 from app.lora.registry import InvalidLoraId, LoraRegistry, UnsafeLoraPath
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, RequestIdLogFilter, ServiceMetrics
 from app.queueing import ClientGone, QueueFull, QueueTimeout
@@ -121,7 +121,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidLoraId)
     async def invalid_id(_: Request, exc: InvalidLoraId):
-        return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc))})
+        return JSONResponse(status_code=422, content={"detail": _field_error(exc.field, str(exc))})
 
     @app.exception_handler(UnsafeLoraPath)
     async def unsafe_path(_: Request, exc: UnsafeLoraPath):
@@ -130,6 +130,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraUnavailable)
     async def lora_unavailable(_: Request, exc: LoraUnavailable):
         return JSONResponse(status_code=422, content={"detail": _field_error("brand_id", str(exc), "lora_unavailable")})
+
+    @app.exception_handler(DuplicateLora)
+    async def duplicate_lora(_: Request, exc: DuplicateLora):
+        return JSONResponse(status_code=422, content={"detail": _field_error("lora_configs", str(exc))})
 
     @app.exception_handler(LoraNotFound)
     async def lora_not_found(_: Request, exc: LoraNotFound):

@@ -69,6 +69,14 @@ class LoraUnavailable(Exception):
         self.reason = reason
 
 
+class DuplicateLora(ValueError):
+    """Two entries of one request resolve to the same file (e.g. a brand's latest and that version by name)."""
+
+    def __init__(self, brand_id: str, version: str):
+        super().__init__(f"LoRA {brand_id!r} version {version!r} is listed twice; give each LoRA once")
+        self.brand_id, self.version = brand_id, version
+
+
 class LoraManager:
     def __init__(self, registry: LoraRegistry, engine, cache_enabled: bool, cache_max_size: int, max_file_mb: int):
         self.registry = registry
@@ -87,8 +95,13 @@ class LoraManager:
 
     def acquire(self, specs: Sequence[LoraSpec], strict: bool = False) -> AcquiredLoras:
         result = AcquiredLoras()
+        seen: set[str] = set()
         for spec in specs:
             lora_file = self.registry.resolve(spec.brand_id, spec.version)
+            if lora_file is not None:
+                if lora_file.key in seen:
+                    raise DuplicateLora(spec.brand_id, lora_file.version)
+                seen.add(lora_file.key)
             if lora_file is None:
                 self.cache.record_miss()
                 what = f"brand_id: {spec.brand_id}" + (f" (version {spec.version})" if spec.version else "")

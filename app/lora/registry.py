@@ -98,7 +98,11 @@ loras/
 
 
 class InvalidLoraId(ValueError):
-    """A brand id or version is not an allowed name."""
+    """A brand id or version is not an allowed name; `field` says which."""
+
+    def __init__(self, message: str, field: str = "brand_id"):
+        super().__init__(message)
+        self.field = field
 
 
 class UnsafeLoraPath(ValueError):
@@ -110,7 +114,8 @@ def validate_lora_id(value: str, field: str = "brand_id") -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
         raise InvalidLoraId(
             f"{field} {value!r} is not valid: it must match {ID_PATTERN.pattern} "
-            "(letters, digits, '_', '.', '-'; at most 64 characters) and must not contain '..'"
+            "(letters, digits, '_', '.', '-'; at most 64 characters) and must not contain '..'",
+            field,
         )
     return value
 
@@ -120,7 +125,8 @@ def _validate_version(version: str) -> str:
     if version != DEFAULT_VERSION and not VERSION_PATTERN.fullmatch(version):
         raise InvalidLoraId(
             f"version {version!r} is not valid: it must match {VERSION_PATTERN.pattern} "
-            f"(v1, v2, ...) or be {DEFAULT_VERSION!r}"
+            f"(v1, v2, ...) or be {DEFAULT_VERSION!r}",
+            "version",
         )
     return version
 
