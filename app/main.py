@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if state.queue is not None:
             state.queue.shutdown()
+        if state.ab_store is not None:
+            state.ab_store.close()
 
     app = FastAPI(
         title="Brand image service",
