@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     model_cache_dir: Path = Field(PROJECT_ROOT / ".cache" / "models", description="where the embedded model is saved")
     compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA only)")
+    torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 = torch's default")
 
     # LoRA files and the resident adapter cache
     lora_base_dir: Path = PROJECT_ROOT / "loras"

@@ -75,6 +75,8 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
 class DiffusionEngine:
     def __init__(self, settings: Settings):
         self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.model_path = self._model_source(settings)
