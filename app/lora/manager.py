@@ -17,7 +17,7 @@ from app.engine.lora_weights import LoraWeights
 from app.engine.pipeline import ActiveAdapter
 from app.lora.cache import CacheStats, LoraCache
 from app.lora.inspect import read_lora_header
-from app.lora.registry import LoraFile, LoraRegistry
+from app.lora.registry import DEFAULT_VERSION, LoraFile, LoraRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class LoraManager:
                 seen.add(lora_file.key)
             if lora_file is None:
                 self.cache.record_miss()
+                self._forget_deleted(spec)
                 what = f"brand_id: {spec.brand_id}" + (f" (version {spec.version})" if spec.version else "")
                 logger.warning("[LORA] LoRA not found for %s", what)
                 if strict:
@@ -140,6 +141,13 @@ class LoraManager:
         if not self.cache.enabled:
             for key in acquired.loaded_keys:
                 self.engine.remove_adapter(key)
+
+    def _forget_deleted(self, spec: LoraSpec) -> None:
+        """Drop cached entries of a LoRA whose file is gone, so its weights do not stay resident."""
+        for key in self.cache.keys():
+            brand_id, _, version = key.partition("@")
+            if brand_id == spec.brand_id and spec.version in (None, version or DEFAULT_VERSION):
+                self.cache.remove(key)
 
     def _not_found_reason(self, spec: LoraSpec) -> str:
         versions = self.registry.versions(spec.brand_id)
