@@ -24,6 +24,7 @@ from app.engine.lora_weights import LoraLayer, LoraWeights, adaptable_modules, f
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_TOKENS = 77
+_MODEL_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,11 @@ class DiffusionEngine:
             torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.model_path = self._model_source(settings)
-        self.pipe = self._load_pipeline(self.model_path)
+        # One load at a time per process: diffusers/accelerate patch torch globally while building
+        # models on the meta device, so a second load in another thread could get empty weights.
+        with _MODEL_LOAD_LOCK:
+            self.model_path = self._model_source(settings)
+            self.pipe = self._load_pipeline(self.model_path)
         self._targets = adaptable_modules({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder})
         self._lock = threading.Lock()
         # Per merged module: (weight, pristine weight, bias, pristine bias), see `_views`.
