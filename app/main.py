@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -51,12 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry.ensure_root()
-        threading.Thread(target=state.load, name="model-loader", daemon=True).start()
+        state.start()
         yield
-        if state.queue is not None:
-            state.queue.shutdown()
-        if state.ab_store is not None:
-            state.ab_store.close()
+        state.stop()
 
     app = FastAPI(
         title="Brand image service",

@@ -40,6 +40,7 @@ class GenerationQueue:
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
+        self._closed = False
         self._recent_ms = 1000.0  # moving estimate of one job, for Retry-After
 
     @property
@@ -106,7 +107,12 @@ class GenerationQueue:
                     raise ClientGone() from None
 
     def shutdown(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 __all__ = ["GenerationQueue", "QueueFull", "QueueTimeout", "ClientGone", "CancelledError"]

@@ -27,6 +27,8 @@ class AppState:
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
+    _start_lock: threading.Lock = field(default_factory=threading.Lock)
+    _loader: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
@@ -34,6 +36,26 @@ class AppState:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
+
+    def start(self) -> None:
+        """Begin loading in the background, once per app; a restarted app gets a fresh queue."""
+        with self._start_lock:
+            if self._loader is None:
+                self._loader = threading.Thread(target=self.load, name="model-loader", daemon=True)
+                self._loader.start()
+            elif self.ready and self.queue.closed:
+                from app.queueing import GenerationQueue
+
+                self.queue = GenerationQueue(self.settings.max_queue_size, self.settings.request_timeout_s)
+                self.service.queue = self.queue
+
+    def stop(self) -> None:
+        """Release what the app holds between starts; the loaded model stays."""
+        if self.queue is not None:
+            self.queue.shutdown()
+        if self.ab_store is not None:
+            self.ab_store.close()
+            self.ab_store = None
 
     def load(self) -> None:
         """Load the model and preload brands; runs in a background thread so /health answers at once."""

@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# Imported at module load, not lazily in the functions: diffusers' lazy attribute imports are not
+# safe when two threads resolve them at once.
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from diffusers.utils.peft_utils import _create_lora_config
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 COMPONENTS = ("unet", "text_encoder")
@@ -57,8 +65,6 @@ class LoraWeights:
 
 def read_lora_file(path: Path) -> list[LoraLayer]:
     """Read a `.safetensors` LoRA into float32 CPU factors with diffusers' scales (no model needed)."""
-    from diffusers import StableDiffusionPipeline
-
     # The file is read here (one read, tensors as views of it) and handed to diffusers as a dict, so
     # the key conversion is still diffusers' own; its per-tensor loader cost 10-30 ms per LoRA on CPU.
     file_state, metadata = _read_safetensors(path)
@@ -121,11 +127,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]
 
 
 def _component_layers(component, state_dict, network_alphas, metadata) -> list[LoraLayer]:
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from diffusers.utils.peft_utils import _create_lora_config
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-    from peft.utils.other import get_pattern_key
-
     prefix = f"{component}."
     sd = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     if not sd:

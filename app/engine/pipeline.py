@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from app.config import Settings
 from app.engine.embedded import embedded_model_path
@@ -106,8 +107,6 @@ class DiffusionEngine:
         return settings.model_id
 
     def _load_pipeline(self, source: str):
-        from diffusers import StableDiffusionPipeline
-
         logger.info("loading %s on %s (%s)", source, self.device, self.dtype)
         # A local folder loads without network; a hub id goes through the normal hub download.
         pipe = StableDiffusionPipeline.from_pretrained(
