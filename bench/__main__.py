@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=30, help="timed requests per row")
     p.add_argument("--quick", action="store_true", help="10 timed requests per row")
     p.add_argument("--block", type=int, default=5, help="requests per row per interleaving round")
+    p.add_argument(
+        "--concurrency", type=int, default=1, help="client threads per block (the naive row stays sequential)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, = cores)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--format", dest="key_format", choices=("peft", "kohya"), default="peft")
@@ -115,11 +118,13 @@ def main(argv=None) -> int:
             "guidance": args.guidance,
             "lora": shape.describe(),
             "compile_unet": args.compile,
+            "concurrency": args.concurrency,
         },  # fmt: skip
         "setup_seconds": setup_s,
     }
     print(f"model {args.preset} on {engine.device} ({payload['dtype']}), {size}x{size}, {steps} steps, "
-          f"guidance {args.guidance}, LoRAs: {shape.describe()}; setup {setup_s:.1f} s", flush=True)  # fmt: skip
+          f"guidance {args.guidance}, LoRAs: {shape.describe()}, {args.concurrency} client(s); "
+          f"setup {setup_s:.1f} s", flush=True)  # fmt: skip
 
     if args.soak:
         result = workloads.soak(engine, lora_root, shape, spec, args.soak_requests, args.soak_warmup)
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
         rows, registry = workloads.build_rows(engine, lora_root, shape, args, naive=not args.no_naive)
         naive = None if args.no_naive else workloads.NaiveDiffusers(engine, registry)
         t1 = time.perf_counter()
-        workloads.run_rows(engine, rows, spec, requests, args.block, naive)
+        workloads.run_rows(engine, rows, spec, requests, args.block, naive, args.concurrency)
         summary = report.summarize(rows)
         payload["rows"] = summary
         payload["rows_seconds"] = time.perf_counter() - t1

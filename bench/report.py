@@ -32,7 +32,7 @@ def summarize(rows) -> list[dict]:
                 "p50_ms": percentile(lat, 0.5),
                 "p95_ms": percentile(lat, 0.95),
                 "mean_ms": statistics.fmean(lat),
-                "throughput_rps": len(lat) / (sum(lat) / 1000),
+                "throughput_rps": len(lat) / row.wall_s,
                 "cold_load_ms_per_request": statistics.fmean(s.load_ms for s in row.samples),
                 "switch_ms_per_request": statistics.fmean(s.switch_ms for s in row.samples),
                 "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
