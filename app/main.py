@@ -98,8 +98,13 @@ def _safe_input(value):
     if isinstance(value, bool | int | float) or value is None:
         return value
     if isinstance(value, str):
-        return value if len(value) <= 100 else value[:100] + "..."
+        return _printable(value if len(value) <= 100 else value[:100] + "...")
     return None
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate from the client must not break the error reply."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -107,7 +112,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: RequestValidationError):
         detail = []
         for error in exc.errors():
-            item = {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+            loc = [part if isinstance(part, int) else _printable(str(part)) for part in error.get("loc", ())]
+            item = {"loc": loc, "msg": _printable(str(error.get("msg", ""))), "type": error.get("type", "")}
             if "input" in error and _safe_input(error["input"]) is not None:
                 item["input"] = _safe_input(error["input"])
             detail.append(item)

@@ -95,6 +95,8 @@ BAD_REQUESTS = [
     Bad("guidance NaN", "guidance_scale", raw=b'{"prompt": "x", "width": 64, "height": 64, "guidance_scale": NaN}'),
     Bad("guidance Infinity", "guidance_scale", raw=b'{"prompt": "x", "guidance_scale": Infinity}'),
     Bad("lora_weights -Infinity", "lora_weights", raw=b'{"prompt": "x", "brand_id": "a", "lora_weights": -Infinity}'),
+    Bad("prompt with a lone surrogate", "prompt", raw=b'{"prompt": "a\\ud800b"}'),
+    Bad("brand_id with a lone surrogate", "brand_id", raw=b'{"prompt": "x", "brand_id": "\\udfff"}'),
     Bad("seed -1", "seed", good(seed=-1)),
     Bad("seed 2**32", "seed", good(seed=2**32)),
     Bad("seed a float", "seed", good(seed=1.5)),
@@ -209,6 +211,15 @@ def test_nan_is_reported_without_breaking_the_error_body(client: TestClient):
     assert r.status_code == 422
     json.loads(r.text)  # strict parse: raises on a bare NaN
     assert r.json()["detail"][0]["loc"] == ["body", "guidance_scale"]
+
+
+def test_a_lone_surrogate_is_echoed_escaped_in_a_valid_utf8_body(client: TestClient):
+    """Invalid unicode from the client must not turn the 422 into a 500 when the reply is encoded."""
+    r = client.post("/generate", content=b'{"prompt": "\\ud800"}', headers=JSON)
+    assert r.status_code == 422
+    r.content.decode("utf-8")  # strict decode
+    assert r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert r.json()["detail"][0]["input"] == "\\ud800"
 
 
 def test_good_requests_still_succeed_and_nothing_was_a_server_error(client: TestClient):
