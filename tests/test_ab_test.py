@@ -234,6 +234,7 @@ def test_choices_survive_a_restart_and_drive_the_recommendation(client, dirs):
         stored = restarted.get(f"/ab-test/{first['test_id']}").json()
         assert restarted.post(f"/ab-test/{first['test_id']}/choice", json={"variant": 0}).status_code == 201
         latest = restarted.get("/lora/acme/ab-results").json()["recommended_weight"]
+        acme_metadata = restarted.get("/lora/acme/metadata").json()
         restarted.app.state.service_state.ab_store.close()
         restarted.app.state.service_state.wait_ready(120)
 
@@ -248,12 +249,14 @@ def test_choices_survive_a_restart_and_drive_the_recommendation(client, dirs):
     assert ids.index(second["test_id"]) < ids.index(first["test_id"])  # newest first
     assert acme["count"] == len(acme["data"]) >= 2
     assert latest == 0.2  # then variant 0 of the first test: acme 0.2
+    assert acme_metadata["recommended_weight"] == 0.2  # and the LoRA's metadata shows it
     with sqlite3.connect(dirs.data / STORE_FILE) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT COUNT(*) FROM choices").fetchone()[0] >= 3
 
 
 def test_brand_without_choices_has_no_recommendation(client):
+    assert client.get("/lora/studio-light/metadata").json()["recommended_weight"] is None
     results = client.get("/lora/studio-light/ab-results")
     assert results.status_code == 200
     assert results.json()["recommended_weight"] is None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from app.ab.store import AbStore
 from app.config import Settings
 from app.lora.catalog import LoraCatalog
 from app.lora.manager import LoraManager
@@ -53,6 +55,19 @@ def get_catalog(state: StateDep) -> LoraCatalog:
     return state.catalog
 
 
+_ab_store_lock = threading.Lock()
+
+
+def get_ab_store(state: StateDep) -> AbStore:
+    """The A/B store, opened on first use (it works while the model is still loading)."""
+    if state.ab_store is None:
+        with _ab_store_lock:
+            if state.ab_store is None:
+                state.ab_store = AbStore.in_dir(state.settings.data_dir)
+    return state.ab_store
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+AbStoreDep = Annotated[AbStore, Depends(get_ab_store)]
 CatalogDep = Annotated[LoraCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[LoraRegistry, Depends(get_registry)]

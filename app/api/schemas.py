@@ -169,3 +169,6 @@ class LoraMetadataPublic(BaseModel):
     metadata: dict | None = Field(description="metadata.json beside the file, fields kept as they are")
     metadata_error: str | None = None
     file: LoraFilePublic
+    recommended_weight: float | None = Field(
+        None, description="this brand's weight in the most recently chosen A/B variant (POST /ab-test/{id}/choice)"
+    )

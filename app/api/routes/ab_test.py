@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import threading
 import uuid
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -26,8 +25,8 @@ from app.ab.schemas import (
     AbTestTimings,
     AbVariantPublic,
 )
-from app.ab.store import AbHistoryEntry, AbStore, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
-from app.api.deps import RegistryDep, ServiceDep, SettingsDep, StateDep
+from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
+from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
 from app.api.schemas import AppliedLoraPublic, LoraConfig, Timings
 from app.engine.pipeline import GenerationSpec
 from app.lora.manager import LoraSpec
@@ -37,19 +36,6 @@ from app.service import InvalidRequest, draw_seed, encode_png
 router = APIRouter(tags=["ab-test"])
 
 UI_PAGE = FilePath(__file__).resolve().parents[2] / "static" / "ab.html"
-_store_lock = threading.Lock()
-
-
-def get_ab_store(state: StateDep) -> AbStore:
-    """The store, opened on first use (the choice endpoints work while the model is still loading)."""
-    if state.ab_store is None:
-        with _store_lock:
-            if state.ab_store is None:
-                state.ab_store = AbStore.in_dir(state.settings.data_dir)
-    return state.ab_store
-
-
-AbStoreDep = Annotated[AbStore, Depends(get_ab_store)]
 TestId = Annotated[str, Path(min_length=1, max_length=64)]
 BrandId = Annotated[str, Path(pattern=ID_PATTERN.pattern)]
 

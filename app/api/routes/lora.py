@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from app.api.deps import CatalogDep, LorasDep, StateDep
+from app.api.deps import AbStoreDep, CatalogDep, LorasDep, StateDep
 from app.api.schemas import CacheClearPublic, CacheStatsPublic, LoraListPublic, LoraMetadataPublic
 from app.lora.registry import ID_PATTERN
 
@@ -42,7 +42,10 @@ def lora_metadata(
     brand_id: BrandPath,
     catalog: CatalogDep,
     state: StateDep,
+    ab_store: AbStoreDep,
     version: Annotated[str | None, Query(pattern=ID_PATTERN.pattern)] = None,
 ) -> LoraMetadataPublic:
-    """metadata.json beside the file, and facts read from the safetensors header (no tensors loaded)."""
-    return LoraMetadataPublic(**catalog.describe(brand_id, version, state.loras))
+    """metadata.json beside the file, facts read from the safetensors header (no tensors loaded), and
+    the weight chosen in the brand's latest A/B test."""
+    described = catalog.describe(brand_id, version, state.loras)
+    return LoraMetadataPublic(**described, recommended_weight=ab_store.recommended_weight(brand_id))
