@@ -86,7 +86,9 @@ class DiffusionEngine:
         with _MODEL_LOAD_LOCK:
             self.model_path = self._model_source(settings)
             self.pipe = self._load_pipeline(self.model_path)
-        self._targets = adaptable_modules({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder})
+        # A compiled UNet wraps the real one (`_orig_mod`); LoRA layer names refer to the real one.
+        unet = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)
+        self._targets = adaptable_modules({"unet": unet, "text_encoder": self.pipe.text_encoder})
         self._lock = threading.Lock()
         # Per merged module: (weight, pristine weight, bias, pristine bias), see `_views`.
         self._pristine: dict[tuple[str, str], tuple] = {}
@@ -120,7 +122,7 @@ class DiffusionEngine:
         pipe.set_progress_bar_config(disable=True)
         if self.settings.compile_unet and self.device == "cuda":
             # Weights are patched in place when adapters switch, which does not trigger recompilation.
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
         return pipe
 
     @property
