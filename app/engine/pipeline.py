@@ -113,7 +113,7 @@ class DiffusionEngine:
         # A local folder loads without network; a hub id goes through the normal hub download.
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
-            torch_dtype=self.dtype,
+            dtype=self.dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=Path(source).is_dir(),
