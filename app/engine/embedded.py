@@ -22,46 +22,53 @@ logger = logging.getLogger(__name__)
 EMBEDDED_MODEL_VERSION = "1"
 SEED = 1234
 
-# SD 1.5's block layout (3 cross-attention down blocks + 1 plain, mirrored up blocks, one mid block),
-# shrunk in width and depth. Channel counts must divide by the 32 norm groups.
-UNET_CONFIG = dict(
+# The real SD 1.5 shapes (stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json).
+SD15_UNET_CONFIG = dict(
     sample_size=64,
     in_channels=4,
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64, 64, 64),
-    layers_per_block=1,
-    cross_attention_dim=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
     attention_head_dim=8,
     norm_num_groups=32,
 )
 # Four blocks -> three 2x downsamples -> the SD 1.5 latent factor of 8.
-VAE_CONFIG = dict(
+SD15_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=1,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
     latent_channels=4,
     norm_num_groups=32,
     sample_size=512,
     scaling_factor=0.18215,
 )
-TEXT_ENCODER_CONFIG = dict(
+SD15_TEXT_ENCODER_CONFIG = dict(  # CLIP ViT-L/14 text tower
     vocab_size=49408,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
     max_position_embeddings=77,
     hidden_act="quick_gelu",
-    projection_dim=64,
+    projection_dim=768,
     bos_token_id=49406,
     eos_token_id=49407,
     pad_token_id=1,
 )
+
+# The embedded model: the same block layout, shrunk in width and depth (channel counts divide by the
+# 32 norm groups), so every code path of the real model runs in a fraction of a second on a CPU.
+UNET_CONFIG = {**SD15_UNET_CONFIG, "block_out_channels": (32, 64, 64, 64), "layers_per_block": 1,
+               "cross_attention_dim": 64}  # fmt: skip
+VAE_CONFIG = {**SD15_VAE_CONFIG, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1}
+TEXT_ENCODER_CONFIG = {**SD15_TEXT_ENCODER_CONFIG, "hidden_size": 64, "intermediate_size": 128,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 64}  # fmt: skip
 # The scheduler config SD 1.5 ships (PNDM).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -78,14 +85,18 @@ SCHEDULER_CONFIG = dict(
 
 def embedded_model_path(cache_dir: Path) -> Path:
     """Return the folder of the embedded model, building it the first time."""
-    target = Path(cache_dir) / f"tiny-sd15-v{EMBEDDED_MODEL_VERSION}"
+    return saved_model_path(Path(cache_dir) / f"tiny-sd15-v{EMBEDDED_MODEL_VERSION}", build_embedded_pipeline)
+
+
+def saved_model_path(target: Path, build) -> Path:
+    """`target` as a saved diffusers folder, made with `build()` the first time."""
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary folder and rename, so concurrent starts never see a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_embedded_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -93,22 +104,27 @@ def embedded_model_path(cache_dir: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("built the embedded model at %s", target)
+    logger.info("built %s", target)
     return target
 
 
 def build_embedded_pipeline():
     """Build the tiny SD-1.5-architecture pipeline in memory, deterministically."""
+    return build_sd15_pipeline(UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, seed=SEED)
+
+
+def build_sd15_pipeline(unet_config: dict, vae_config: dict, text_encoder_config: dict, seed: int):
+    """An SD 1.5 pipeline with these configs and seeded random weights (float32)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    torch.manual_seed(SEED + 1)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    torch.manual_seed(SEED + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config))
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
