@@ -106,6 +106,29 @@ def _kohya_missing_layers() -> dict:
     return state
 
 
+def _sdxl_second_text_encoder(layers) -> dict:
+    """A kohya file whose UNet part fits, plus layers for SDXL's second text encoder (lora_te2_)."""
+    state = {}
+    for component, name, module in layers:
+        if component == "unet" and name.endswith("attn1.to_q"):
+            base = "lora_unet_" + name.replace(".", "_")
+            state[f"{base}.lora_down.weight"] = torch.randn(4, module.weight.shape[1])
+            state[f"{base}.lora_up.weight"] = torch.randn(module.weight.shape[0], 4)
+            state[f"{base}.alpha"] = torch.tensor(4.0)
+    base = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    state[f"{base}.lora_down.weight"] = torch.randn(4, 1280)
+    state[f"{base}.lora_up.weight"] = torch.randn(1280, 4)
+    state[f"{base}.alpha"] = torch.tensor(4.0)
+    return state
+
+
+def _nan_lora(layers) -> dict:
+    state = random_lora_state_dict(layers, rank=2, seed=3)
+    first_up = next(k for k in state if k.endswith("lora_B.weight"))
+    state[first_up][0, 0] = float("nan")
+    return state
+
+
 def _integer_lora() -> dict:
     base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     return {
@@ -129,6 +152,8 @@ BAD_FILES = [
     ("header-only", lambda ctx: ctx["good"][: 8 + struct.unpack("<Q", ctx["good"][:8])[0]], "truncated"),
     ("empty", lambda ctx: b"", "empty"),
     ("integers", lambda ctx: _safetensors_bytes(_integer_lora(), ctx["tmp"]), "floating point"),
+    ("sdxl-te2", lambda ctx: _safetensors_bytes(_sdxl_second_text_encoder(ctx["layers"]), ctx["tmp"]), "SDXL"),
+    ("nan", lambda ctx: _safetensors_bytes(_nan_lora(ctx["layers"]), ctx["tmp"]), "NaN"),
     ("garbage", lambda ctx: os.urandom(4096), "not a safetensors file"),
 ]
 

@@ -85,10 +85,23 @@ def read_lora_file(path: Path) -> list[LoraLayer]:
     for component in COMPONENTS:
         layers += _component_layers(component, state_dict, network_alphas, metadata)
     unknown = {k.split(".", 1)[0] for k in state_dict} - set(COMPONENTS)
+    if unknown:
+        # Applying only the part that fits would silently half-apply the LoRA (e.g. SDXL's text_encoder_2).
+        raise LoraIncompatibleError(
+            f"layers for {', '.join(sorted(unknown))}, which SD 1.5 does not have "
+            "(a LoRA for another base model such as SDXL, or an unsupported key layout)"
+        )
     if not layers:
-        hint = f" (found prefixes: {', '.join(sorted(unknown))})" if unknown else ""
-        raise LoraIncompatibleError(f"no UNet or text-encoder LoRA layers found{hint}")
+        raise LoraIncompatibleError("no UNet or text-encoder LoRA layers found")
+    not_finite = next((f"{x.component}.{x.module}" for x in layers if not _finite(x)), None)
+    if not_finite is not None:
+        raise LoraIncompatibleError(f"layer {not_finite} holds NaN or infinite values")
     return layers
+
+
+def _finite(layer: LoraLayer) -> bool:
+    tensors = (layer.up, layer.down) if layer.up_bias is None else (layer.up, layer.down, layer.up_bias)
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 _SAFETENSORS_DTYPES = {
