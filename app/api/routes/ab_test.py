@@ -27,8 +27,8 @@ from app.ab.schemas import (
 )
 from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
 from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
+from app.api.routes.generate import generation_spec
 from app.api.schemas import AppliedLoraPublic, LoraConfig, Timings
-from app.engine.pipeline import GenerationSpec
 from app.lora.manager import LoraSpec
 from app.lora.registry import ID_PATTERN
 from app.service import InvalidRequest, draw_seed, encode_png
@@ -49,15 +49,7 @@ async def run_test(
     service.check_limits(
         body.width, body.height, body.num_inference_steps, max(len(v.loras) for v in plan.variants)
     )
-    spec = GenerationSpec(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        width=body.width,
-        height=body.height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=seeds[0],
-    )
+    spec = generation_spec(body, seeds[0])
     outcome = await run_ab_test(service, plan, spec, strict=body.strict, disconnected=request.is_disconnected)
     sheet = await run_in_threadpool(_contact_sheet_png, plan, outcome)
     record = _record(uuid.uuid4().hex, body, plan, outcome)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServiceDep
-from app.api.schemas import AppliedLoraPublic, GenerateRequest, GenerateResponse, Timings
+from app.api.schemas import AppliedLoraPublic, GenerateRequest, GenerateResponse, GenerationSettings, Timings
 from app.engine.pipeline import GenerationSpec
 from app.lora.manager import LoraSpec
 from app.service import InvalidRequest, draw_seed
@@ -30,19 +30,24 @@ def lora_specs(body: GenerateRequest) -> list[LoraSpec]:
     return specs
 
 
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, service: ServiceDep, request: Request) -> GenerateResponse:
-    specs = lora_specs(body)
-    service.check_limits(body.width, body.height, body.num_inference_steps, len(specs))
-    spec = GenerationSpec(
+def generation_spec(body: GenerationSettings, seed: int) -> GenerationSpec:
+    """The engine's view of the shared generation fields (used by /generate and /ab-test)."""
+    return GenerationSpec(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         width=body.width,
         height=body.height,
         num_inference_steps=body.num_inference_steps,
         guidance_scale=body.guidance_scale,
-        seed=body.seed if body.seed is not None else draw_seed(),
+        seed=seed,
     )
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, service: ServiceDep, request: Request) -> GenerateResponse:
+    specs = lora_specs(body)
+    service.check_limits(body.width, body.height, body.num_inference_steps, len(specs))
+    spec = generation_spec(body, body.seed if body.seed is not None else draw_seed())
     outcome = await service.generate(spec, specs, strict=body.strict, disconnected=request.is_disconnected)
     return GenerateResponse(
         image=outcome.image_base64,
