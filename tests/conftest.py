@@ -18,6 +18,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import base64
 import hashlib
 import io
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -27,9 +32,15 @@ import pytest
 import torch
 from PIL import Image
 
-from app.config import Settings
+from app.config import PROJECT_ROOT, Settings
 from app.engine.embedded import UNET_CONFIG, embedded_model_path
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
+
+# The suite must not depend on the developer's `.env` or exported settings (the README tells users to
+# make one): every test states the settings it needs. Server subprocesses also run in a temp folder.
+Settings.model_config["env_file"] = None
+for _name in Settings.model_fields:
+    os.environ.pop(_name.upper(), None)
 
 # The smallest request the API accepts; fast on two CPU cores.
 SIZE = 64
@@ -285,3 +296,153 @@ def make_client(model_cache_dir: Path, model_dir: Path) -> Callable[..., Abstrac
 def client(make_client, lora_root: Path):
     with make_client(lora_root) as c:
         yield c
+
+
+# ---- float32 accuracy against diffusers ----------------------------------------------------------
+
+# How far our float32 image may be from diffusers' float64 result, as a multiple of how far diffusers'
+# own float32 result is from it. Both are float32 evaluations of the same function; which one rounds
+# closer varies with the CPU's kernels (measured here: ours 1.25x diffusers' at CFG 7.5, 1.2x at 1.0),
+# so a bound on the raw difference between the two cannot hold on every machine. A wrong scale, a
+# missing layer or a wrong key is 100x further off (VISIBLE_CHANGE-sized, ~1e-2 against ~5e-5).
+FLOAT32_ERROR_RATIO = 2.0
+# The smallest error worth comparing: one float32 step just below 1.0 (images are 0..1).
+FLOAT32_STEP = float(np.spacing(np.float32(0.5)))
+
+
+def diffusers_reference(
+    model_dir: Path,
+    loras: list[tuple[Path, float]],
+    seed: int,
+    guidance: float = GUIDANCE,
+    dtype=torch.float32,
+    prompt: str = PROMPT,
+    size: int = SIZE,
+) -> np.ndarray:
+    """diffusers' own image for these LoRAs (`load_lora_weights` + `set_adapters`), in `dtype`.
+
+    The initial noise is drawn in float32 from the seeded CPU generator, as the service draws it, and
+    then cast, so a float64 run starts from the same latents.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = load_reference_pipe(model_dir).to(dtype=dtype)
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+    if loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [weight for _, weight in loras])
+    shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latents = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    # diffusers' unfused PEFT layers run many tiny ops; single-threaded they are 10x faster on a busy
+    # 2-core machine (threads only reorder float sums).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            return pipe(
+                prompt=prompt,
+                width=size,
+                height=size,
+                num_inference_steps=STEPS,
+                guidance_scale=guidance,
+                latents=latents.to(dtype),
+                output_type="np",
+            ).images[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_as_accurate_as_diffusers(ours: np.ndarray, model_dir: Path, loras, seed: int, guidance: float) -> None:
+    """Our float32 image is as close to diffusers' float64 result as diffusers' own float32 image is."""
+    theirs = diffusers_reference(model_dir, loras, seed, guidance)
+    exact = diffusers_reference(model_dir, loras, seed, guidance, dtype=torch.float64)
+    ours_error = float(np.abs(ours - exact).max())
+    their_error = float(np.abs(theirs - exact).max())
+    assert ours_error <= FLOAT32_ERROR_RATIO * max(their_error, FLOAT32_STEP), (
+        f"max error vs float64: ours {ours_error:.3g}, diffusers' float32 {their_error:.3g}"
+    )
+
+
+# ---- a real server -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m uvicorn app.main:app` in a subprocess, in its own folder (so no project `.env` is read)."""
+
+    def __init__(self, work_dir: Path, env: dict[str, str], ready_timeout_s: float = 180):
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.work_dir / "server.log"
+        defaults = {
+            "MODEL_CACHE_DIR": str(Settings.model_fields["model_cache_dir"].default),
+            "LORA_BASE_DIR": str(self.work_dir / "loras"),
+            "DATA_DIR": str(self.work_dir / "data"),
+            "DEVICE": "cpu",
+            "DTYPE": "float32",
+            "LOG_LEVEL": "warning",
+        }
+        full_env = {**os.environ, **defaults, **env, "PYTHONPATH": str(PROJECT_ROOT)}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=self.work_dir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.wait_ready(ready_timeout_s)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited ({self.process.returncode}):\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server was not ready in {timeout_s:g} s:\n{self.log()[-3000:]}")
+            time.sleep(0.25)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Send `sig`, wait for the exit, return the exit code (killed after `timeout_s`)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
+    """`start_server(ENV_VAR=value, ...)` starts a real server; every one started is stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(work_dir: Path | None = None, **env: str) -> ServerProcess:
+        server = ServerProcess(work_dir or tmp_path / f"server{len(started)}", env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

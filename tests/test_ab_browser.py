@@ -5,24 +5,17 @@ Needs Debian's chromium + chromium-driver and Selenium (scripts/install-browser.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.config import Settings
 from app.demo import write_demo_loras
+from tests.conftest import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SERVER_START_S = 120
 TEST_RUN_S = 60
 
 selenium = pytest.importorskip("selenium", reason="run scripts/install-browser.sh (Selenium is not installed)")
@@ -39,57 +32,16 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A uvicorn subprocess on a free port, with demo LoRAs; yields its base URL once /ready says so."""
-    lora_dir = tmp_path_factory.mktemp("browser-loras")
-    write_demo_loras(lora_dir)
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_CACHE_DIR": str(Settings.model_fields["model_cache_dir"].default),
-        "LORA_BASE_DIR": str(lora_dir),
-        "DATA_DIR": str(tmp_path_factory.mktemp("browser-data")),
-        "DEVICE": "cpu",
-        "DTYPE": "float32",
-        "LOG_LEVEL": "warning",
-        "LORA_PRELOAD_BRANDS": "",
-        "API_KEY": "",
-        "ADMIN_API_KEY": "",
-    }
-    log = tmp_path_factory.mktemp("browser-log") / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    """A real server with the demo LoRAs; yields its base URL once /ready says so."""
+    work = tmp_path_factory.mktemp("browser")
+    write_demo_loras(work / "loras")
+    running = ServerProcess(work, {})
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
+        yield running.url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import decode_png, small_request
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def server(tmp_path, model_cache_dir, model_dir, make_brand):
-    lora_dir = tmp_path / "loras"
-    lora_file = make_brand(lora_dir, "acme", seed=41)
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_CACHE_DIR": str(model_cache_dir),
-        "LORA_BASE_DIR": str(lora_dir),
-        "LOG_LEVEL": "warning",
-        "DEVICE": "cpu",
-        "DTYPE": "float32",
-        "LORA_PRELOAD_BRANDS": "acme",
-    }
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,  # so no project .env is read; PYTHONPATH below finds the app
-        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"the server exited: {(tmp_path / 'server.log').read_text()}"
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.5)
-        yield base_url, lora_file
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-    assert process.returncode is not None
+def server(tmp_path, start_server, make_brand):
+    lora_file = make_brand(tmp_path / "loras", "acme", seed=41)
+    running = start_server(tmp_path, LORA_PRELOAD_BRANDS="acme")
+    yield running.url, lora_file
 
 
 @pytest.mark.slow

@@ -8,10 +8,6 @@ worker held busy on purpose, so their outcome does not depend on how fast this m
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +17,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import PROJECT_ROOT, Settings
+from app.config import Settings
 from app.main import create_app
+from tests.conftest import ServerProcess
 
 SLOW_REQUEST = {"prompt": "a red coffee cup", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 5}
 FAST_REQUEST = {**SLOW_REQUEST, "num_inference_steps": 1}
@@ -37,51 +34,14 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """uvicorn serving app.main:app with MAX_QUEUE_SIZE=2; yields (base url, pid)."""
-    work = tmp_path_factory.mktemp("overload")
-    port = free_port()
-    env = {
-        **os.environ,
-        "LORA_BASE_DIR": str(work / "loras"),
-        "DATA_DIR": str(work / "data"),
-        "MAX_QUEUE_SIZE": str(MAX_QUEUE),
-        "LOG_LEVEL": "warning",
-        "DEVICE": "cpu",
-    }
-    log = open(work / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    running = ServerProcess(tmp_path_factory.mktemp("overload"), {"MAX_QUEUE_SIZE": str(MAX_QUEUE)})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (work / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        yield base, proc.pid
+        yield running.url, running.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        running.stop()
 
 
 def test_burst_beyond_the_queue_gets_429_and_the_rest_complete(server):
