@@ -5,11 +5,10 @@ Nothing else in the app reads `os.environ`.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +88,13 @@ class Settings(BaseSettings):
         return self.model_id == EMBEDDED_MODEL_ID
 
 
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
+def load_settings() -> Settings:
+    """Read the settings, or stop with a message that names each bad variable (every entry point uses this)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            lines.append(f"  {variable}={error.get('input')!r}: {error['msg']}")
+        raise SystemExit("Invalid configuration:\n" + "\n".join(lines)) from None

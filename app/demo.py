@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 
 DEMO_BRANDS = {
@@ -45,7 +45,7 @@ def write_demo_loras(lora_dir: Path, settings: Settings | None = None) -> list[P
 
 
 def main(argv: list[str]) -> int:
-    lora_dir = Path(argv[0]) if argv else Settings().lora_base_dir
+    lora_dir = Path(argv[0]) if argv else load_settings().lora_base_dir
     written = write_demo_loras(lora_dir)
     for path in written:
         print(f"wrote {path}")

@@ -10,13 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from app import __version__
 from app.api.routes import ab_test, generate, health, lora
 from app.api.routes import metrics as metrics_routes
 from app.api.security import AuthMiddleware
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.engine.pipeline import GenerationOutOfMemory
 from app.lora.catalog import LoraCatalog, LoraNotFound
 from app.lora.manager import DuplicateLora, LoraUnavailable
@@ -27,18 +26,6 @@ from app.service import InvalidRequest
 from app.state import AppState
 
 logger = logging.getLogger("app")
-
-
-def load_settings() -> Settings:
-    """Read the settings, or stop with a message that names each bad variable."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
-            lines.append(f"  {variable}={error.get('input')!r}: {error['msg']}")
-        raise SystemExit("Invalid configuration:\n" + "\n".join(lines)) from None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -176,7 +163,14 @@ def run() -> None:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
-app = create_app()
+def __getattr__(name: str):
+    # `uvicorn app.main:app` asks for `app`: it is built then, from the settings, not at import time,
+    # so importing this module (tests, tools) reads no `.env` and cannot fail on a bad one.
+    if name == "app":
+        globals()["app"] = built = create_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     sys.exit(run())

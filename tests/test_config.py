@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,75 @@ def test_good_values_are_read_and_normalised(clean_env):
     assert settings.lora_cache_max_size == 3
     assert settings.preload_brands == ["acme", "globex"]
     assert settings.device == "cpu"
+
+
+# ---- every entry point: one configuration, the same clean error ----------------------------------
+
+BIN = Path(sys.executable).parent
+ENTRY_POINTS = {
+    "brand-image-service": [str(BIN / "brand-image-service")],
+    "python -m app.main": [sys.executable, "-m", "app.main"],
+    "uvicorn app.main:app": [sys.executable, "-m", "uvicorn", "app.main:app"],
+    "python -m app.demo": [sys.executable, "-m", "app.demo"],
+}
+
+
+def _service_env() -> dict[str, str]:
+    """The environment without any of the service's variables, so only the test's .env sets them."""
+    from app.config import Settings
+
+    names = {name.upper() for name in Settings.model_fields}
+    return {k: v for k, v in os.environ.items() if k not in names} | {"PYTHONPATH": str(PROJECT_ROOT)}
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+def test_every_entry_point_stops_on_a_bad_dot_env_with_the_clean_message(tmp_path, command):
+    (tmp_path / ".env").write_text("LORA_CACHE_MAX_SIZE=0\nPORT=not-a-port\n")
+
+    result = subprocess.run(command, cwd=tmp_path, env=_service_env(), capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0
+    assert "Invalid configuration" in result.stderr, result.stderr[-2000:]
+    assert "LORA_CACHE_MAX_SIZE" in result.stderr and "PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_script_stops_on_a_bad_setting_with_the_clean_message():
+    env = _service_env() | {"PORT": "70000"}
+
+    result = subprocess.run(
+        ["bash", str(PROJECT_ROOT / "scripts" / "serve.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+
+    assert result.returncode != 0
+    assert "Invalid configuration" in result.stderr and "PORT" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_console_command_serves_on_host_and_port_from_dot_env(tmp_path):
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    (tmp_path / ".env").write_text(
+        f"HOST=127.0.0.1\nPORT={port}\nDEVICE=cpu\nLOG_LEVEL=warning\nLORA_BASE_DIR={tmp_path / 'loras'}\n"
+    )
+    process = subprocess.Popen(
+        [str(BIN / "brand-image-service")], cwd=tmp_path, env=_service_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, "the service exited"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"nothing answered on port {port} from .env"
+                time.sleep(0.25)
+        assert response.json() == {"status": "ok"}
+    finally:
+        process.terminate()
+        process.wait(30)
