@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.api.routes import ab_test, generate, health, lora
@@ -41,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         state.stop()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets the fastapi-offline package ships: /docs works with no network.
+    app = FastAPIOffline(
         title="Brand image service",
         version=__version__,
         description="Stable Diffusion 1.5 image generation with per-brand LoRA adapters.",

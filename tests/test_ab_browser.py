@@ -115,3 +115,12 @@ def test_run_a_grid_and_record_a_choice(server, browser):
     assert [(c["variant"], c["chosen_by"]) for c in stored["choices"]] == [(2, "browser-test")]
     results = httpx.get(f"{server}/lora/acme/ab-results").json()
     assert results["recommended_weight"] == 0.8 and results["data"][0]["test_id"] == test_id
+
+
+def test_api_docs_render_in_the_browser_without_a_network(server, browser):
+    wait = WebDriverWait(browser, TEST_RUN_S)
+    browser.get(f"{server}/docs")
+    # Swagger UI lists the operations only if its script ran; the machine has no route to a CDN.
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert "/generate" in paths and "/lora/list" in paths

@@ -286,3 +286,16 @@ def test_png_decodes_with_pillow_verify(api):
     raw = base64.b64decode(generate(api)["image"])
     Image.open(io.BytesIO(raw)).verify()  # raises on a corrupt PNG
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("page", "asset"), [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")])
+def test_docs_pages_load_their_assets_from_the_service_not_a_cdn(client, page, asset):
+    import re
+
+    html = client.get(page)
+    assert html.status_code == 200
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert any(s.endswith(asset) for s in sources), sources
+    assert all(s.startswith("/") for s in sources), f"{page} loads something from another host: {sources}"
+    for source in sources:
+        assert client.get(source).status_code == 200, source
