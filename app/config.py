@@ -55,7 +55,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_queue_size: int = Field(16, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    watchdog_s: float = Field(
+        300.0, ge=0, description="/ready is 503 when the worker makes no progress this long while work waits; 0 = off"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
 
     # Auth: with no keys set everything is open (start-up logs a warning).
     api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")

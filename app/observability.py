@@ -1,4 +1,5 @@
-"""Request ids in logs and responses, request body limit, and Prometheus metrics.
+"""Request ids in logs and responses, one access log line per request, the request body limit, and
+Prometheus metrics.
 
 Metrics live in a registry per app (tests build many apps). Cache, queue and LoRA numbers are read
 from their owners when /metrics is scraped, so those owners need no metrics code.
@@ -7,10 +8,12 @@ from their owners when /metrics is scraped, so those owners need no metrics code
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,14 +21,58 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# What the request path reports for the access line: brands applied and per-image timings.
+request_images_var: contextvars.ContextVar[list | None] = contextvars.ContextVar("request_images", default=None)
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+access_logger = logging.getLogger("app.access")
+
+
+def record_image(brands: list[str], queue_ms: float, lora_ms: float, generation_ms: float) -> None:
+    """Note one generated image for this request's access line (an A/B test notes several)."""
+    images = request_images_var.get()
+    if images is not None:
+        images.append((brands, queue_ms, lora_ms, generation_ms))
 
 
 class RequestIdLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (LOG_FORMAT=json): time, level, logger, request_id, message, and the
+    access line's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """App logs carry the request id; configured once per process (the format of the last app wins)."""
+    logger = logging.getLogger("app")
+    logger.setLevel(level.upper())
+    handler = next((h for h in logger.handlers if any(isinstance(f, RequestIdLogFilter) for f in h.filters)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.addFilter(RequestIdLogFilter())
+        logger.addHandler(handler)
+        logger.propagate = False
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
 
 
 class ServiceMetrics:
@@ -72,9 +119,10 @@ class _StateCollector:
             counter.add_metric([], value)
             yield counter
         for name, value, doc in (
-            ("lora_resident_adapters", len(manager.engine.resident_adapters()), "Adapters resident on the device"),
+            ("lora_resident_adapters", len(manager.resident_adapters()), "Adapters resident on the device"),
             ("lora_cache_size", stats.size, "Entries in the LoRA cache"),
-            ("lora_invalid_files", manager.invalid_count(), "LoRA files refused as invalid"),
+            ("lora_pinned_adapters", len(stats.pinned), "Preloaded adapters pinned in the cache"),
+            ("lora_invalid_files", state.facts.invalid_count(), "LoRA files refused as invalid"),
         ):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
@@ -82,7 +130,8 @@ class _StateCollector:
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (X-Request-ID in, or a new one), counts it and times it."""
+    """Gives each request an id (X-Request-ID in, or a new one), counts it, times it, and logs one access
+    line: method, path, status, ms, and for generations the brands applied and queue/LoRA/generation ms."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
         self.app = app
@@ -94,6 +143,7 @@ class RequestContextMiddleware:
         given = _header(scope, b"x-request-id")
         request_id = given if given and REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        images_token = request_images_var.set(images := [])
         status = [500]
         start = time.perf_counter()
 
@@ -107,11 +157,29 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - start
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], endpoint, str(status[0])).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.request_seconds.labels(endpoint).observe(elapsed)
+            _log_access(scope["method"], scope["path"], status[0], elapsed * 1000, images)
+            request_images_var.reset(images_token)
             request_id_var.reset(token)
+
+
+def _log_access(method: str, path: str, status: int, ms: float, images: list) -> None:
+    fields = {"method": method, "path": path, "status": status, "ms": round(ms, 2)}
+    if images:
+        brands = sorted({brand for image in images for brand in image[0]})
+        fields.update(
+            brands=brands,
+            images=len(images),
+            queue_ms=round(sum(i[1] for i in images), 2),
+            lora_ms=round(sum(i[2] for i in images), 2),
+            generation_ms=round(sum(i[3] for i in images), 2),
+        )
+    text = " ".join(f"{k}={','.join(v) or '-' if isinstance(v, list) else v}" for k, v in fields.items())
+    access_logger.info("%s", text, extra={"fields": fields})
 
 
 class BodyLimitMiddleware:

@@ -1,118 +1,204 @@
-"""A bounded, ordered queue in front of the one generation worker.
+"""A bounded, ordered queue of generation jobs in front of the one generation worker.
 
-The pipeline runs one generation at a time, so requests wait here in arrival order. Beyond
-`max_waiting` waiting requests a new one is refused at once (429) instead of piling up; a request
-that waited longer than `timeout_s`, or whose client went away, gives its place back.
+The pipeline runs one generation at a time, so jobs wait here in arrival order. Beyond `max_waiting`
+waiting jobs a new request is refused at once (429) instead of piling up; a job that waited longer
+than `timeout_s`, or whose client went away, gives its place back and never runs.
+
+The queue holds typed `GenerationJob`s, not closures, so what waits is visible (and can be grouped
+or sent elsewhere). A watchdog notices a worker that makes no progress while work waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
-T = TypeVar("T")
+from app.errors import ClientGone, QueueFull, QueueTimeout, ServiceUnavailable
+from app.jobs import GenerationJob, JobResult
 
+logger = logging.getLogger(__name__)
 
-class QueueFull(Exception):
-    def __init__(self, waiting: int, retry_after_s: int):
-        super().__init__(f"{waiting} requests are already waiting; try again in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class QueueTimeout(Exception):
-    pass
+# execute(job, on_step) -> result; on_step() is called as the job makes progress (each denoising step).
+Executor = Callable[[GenerationJob, Callable[[], None]], JobResult]
+Disconnected = Callable[[], Awaitable[bool]] | None
+POLL_S = 0.25
 
 
-class ClientGone(Exception):
-    pass
+@dataclass
+class _Entry:
+    job: GenerationJob
+    context: contextvars.Context  # the request's context: the worker's log lines carry its request id
+    future: Future = field(default_factory=Future)
+    started_at: float | None = None
+    on_start: Callable[[], None] | None = None
 
 
 class GenerationQueue:
-    def __init__(self, max_waiting: int, timeout_s: float):
+    def __init__(self, execute: Executor, max_waiting: int, timeout_s: float, watchdog_s: float = 0.0):
         self.max_waiting = max_waiting
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
-        self._lock = threading.Lock()
-        self._waiting = 0
+        self.watchdog_s = watchdog_s
+        self._execute = execute
+        self._pending: deque[_Entry] = deque()
+        self._cond = threading.Condition()
+        self._waiting = 0  # places taken: reserved, and queued but not started
         self._running = 0
         self._closed = False
         self._recent_ms = 1000.0  # moving estimate of one job, for Retry-After
+        self._last_progress = time.monotonic()
+        self._stall_reported = False
+        self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
+        self._worker.start()
+        if watchdog_s > 0:
+            threading.Thread(target=self._watch, name="generation-watchdog", daemon=True).start()
+
+    # ---- places ------------------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        """Requests waiting plus the one running."""
-        with self._lock:
+        """Jobs waiting (or reserved) plus the one running."""
+        with self._cond:
             return self._waiting + self._running
 
     def reserve(self) -> None:
-        """Take a waiting place, or raise QueueFull. Call `release_reservation` if the job never runs."""
-        with self._lock:
+        """Take a waiting place, or raise QueueFull. Call `release_reservation` if no job is submitted."""
+        with self._cond:
             if self._waiting >= self.max_waiting + (0 if self._running else 1):
                 retry = max(1, round((self._waiting + 1) * self._recent_ms / 1000))
                 raise QueueFull(self._waiting, retry)
+            if self._waiting + self._running == 0:
+                self._last_progress = time.monotonic()  # idle time is not a stall
             self._waiting += 1
 
     def release_reservation(self) -> None:
-        with self._lock:
+        with self._cond:
             self._waiting -= 1
 
-    async def run(
-        self, fn: Callable[[], T], disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> tuple[T, float]:
-        """Run `fn` on the worker after a `reserve()`. Returns (result, ms spent waiting)."""
-        loop = asyncio.get_running_loop()
-        submitted = time.perf_counter()
-        started = asyncio.Event()
-        started_at: list[float] = []
-
-        def job():
-            with self._lock:
-                self._waiting -= 1
-                self._running += 1
-            started_at.append(time.perf_counter())
-            loop.call_soon_threadsafe(started.set)
+    async def wait_for_place(self, disconnected: Disconnected = None) -> None:
+        """Reserve a place, waiting (not failing) while the queue is full: for work already under way."""
+        deadline = time.perf_counter() + self.timeout_s
+        while True:
             try:
-                return fn()
-            finally:
-                with self._lock:
-                    self._running -= 1
-                    self._recent_ms = 0.8 * self._recent_ms + 0.2 * (time.perf_counter() - started_at[0]) * 1000
+                return self.reserve()
+            except QueueFull:
+                if disconnected is not None and await disconnected():
+                    raise ClientGone() from None
+                if time.perf_counter() > deadline:
+                    raise QueueTimeout(f"waited more than {self.timeout_s:g} s for a place in the queue") from None
+                await asyncio.sleep(0.05)
 
-        # Run in a copy of this request's context, so the worker's log lines carry its request id.
-        future: Future = self._executor.submit(contextvars.copy_context().run, job)
+    # ---- jobs --------------------------------------------------------------------------------------
+
+    async def submit(self, job: GenerationJob, disconnected: Disconnected = None) -> tuple[JobResult, float]:
+        """Run `job` on the worker, after a `reserve()` (whose place it takes over). Returns (result, ms waited)."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        entry = _Entry(job, contextvars.copy_context(), on_start=lambda: loop.call_soon_threadsafe(started.set))
+        submitted = time.perf_counter()
+        with self._cond:
+            if self._closed:
+                self._waiting -= 1
+                raise ServiceUnavailable("the service is shutting down")
+            self._pending.append(entry)
+            self._cond.notify()
         try:
-            await self._wait_for_start(started, submitted, disconnected)
-            result = await asyncio.wrap_future(future)
+            await self._wait_for_start(entry, started, submitted, disconnected)
+            result = await asyncio.wrap_future(entry.future)
         except BaseException:
-            if future.cancel():  # never started: give the place back
+            if entry.future.cancel():  # never started: give the place back; the worker skips it
                 self.release_reservation()
             raise
-        return result, (started_at[0] - submitted) * 1000
+        return result, (entry.started_at - submitted) * 1000
 
-    async def _wait_for_start(self, started: asyncio.Event, submitted: float, disconnected) -> None:
+    async def _wait_for_start(self, entry: _Entry, started: asyncio.Event, submitted: float, disconnected) -> None:
         deadline = submitted + self.timeout_s
         while not started.is_set():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 raise QueueTimeout(f"the request waited more than {self.timeout_s:g} s for the generation worker")
             try:
-                await asyncio.wait_for(started.wait(), timeout=min(0.25, remaining))
+                await asyncio.wait_for(started.wait(), timeout=min(POLL_S, remaining))
             except TimeoutError:
                 if disconnected is not None and await disconnected():
                     raise ClientGone() from None
 
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                entry = self._pending.popleft()
+                if not entry.future.set_running_or_notify_cancel():
+                    continue  # cancelled while waiting; its place was already given back
+                self._waiting -= 1
+                self._running += 1
+                self._last_progress = time.monotonic()
+            entry.started_at = time.perf_counter()
+            entry.on_start()
+            result, error = None, None
+            try:
+                result = entry.context.run(self._execute, entry.job, self._progress)
+            except BaseException as exc:  # the request gets the error; the worker goes on
+                error = exc
+            with self._cond:  # before the answer, so a request that got its image sees the queue without it
+                self._running -= 1
+                self._last_progress = time.monotonic()
+                self._recent_ms = 0.8 * self._recent_ms + 0.2 * (time.perf_counter() - entry.started_at) * 1000
+            if error is None:
+                entry.future.set_result(result)
+            else:
+                entry.future.set_exception(error)
+
+    # ---- health ------------------------------------------------------------------------------------
+
+    def _progress(self) -> None:
+        self._last_progress = time.monotonic()
+
+    def stalled_for(self) -> float | None:
+        """Seconds without progress while work waits, once past the watchdog's limit; None when healthy."""
+        if self.watchdog_s <= 0:
+            return None
+        with self._cond:
+            idle = self._waiting + self._running == 0
+            silent = time.monotonic() - self._last_progress
+        return None if idle or silent <= self.watchdog_s else silent
+
+    def _watch(self) -> None:
+        interval = min(1.0, self.watchdog_s / 4)
+        while not self._closed:
+            time.sleep(interval)
+            stalled = self.stalled_for()
+            if stalled is not None and not self._stall_reported:
+                logger.error(
+                    "watchdog: the generation worker has made no progress for %.0f s with %d requests waiting "
+                    "(WATCHDOG_S=%g); /ready reports 503 until it moves again", stalled, self.depth, self.watchdog_s,
+                )  # fmt: skip
+                self._stall_reported = True
+            elif stalled is None and self._stall_reported:
+                logger.warning("watchdog: the generation worker is making progress again")
+                self._stall_reported = False
+
     def shutdown(self) -> None:
-        self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop taking jobs; jobs not yet started are answered 503. The running one finishes."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for entry in dropped:
+            if entry.future.set_running_or_notify_cancel():
+                entry.future.set_exception(ServiceUnavailable("the service is shutting down"))
+                entry.on_start()
 
     @property
     def closed(self) -> bool:
         return self._closed
-
-
-__all__ = ["GenerationQueue", "QueueFull", "QueueTimeout", "ClientGone", "CancelledError"]

@@ -1,37 +1,34 @@
-"""One generation request from validated input to a PNG: LoRA set, queue, engine, encoding.
+"""The one path of every image: a request's LoRAs, a typed job, the queue, the engine, a PNG.
 
-The routes call `GenerationService.generate`; it is the one place that knows the order of the
-steps. It never touches torch: the engine does.
+`/generate` calls `generate`; an A/B test acquires its LoRAs once (`acquire`) and renders each
+variant with `render`. Both build the same `GenerationJob` and put it through the same queue, so an
+A/B variant is the `/generate` image with the same settings. No torch here: the engine does that.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
-from app.engine.pipeline import DiffusionEngine, GenerationSpec
-from app.lora.manager import AppliedLora, LoraManager, LoraSpec
+from app.errors import InvalidRequest
+from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
+from app.lora.manager import AcquiredLoras, LoraManager
+from app.observability import record_image
 from app.queueing import GenerationQueue
 
-
-class InvalidRequest(ValueError):
-    """A request that passed the schema but breaks a configured limit; `field` names the culprit."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+Disconnected = Callable[[], Awaitable[bool]] | None
 
 
 @dataclass
 class GenerationOutcome:
+    image: object  # PIL.Image.Image
     png: bytes
     seed: int
     width: int
@@ -47,19 +44,17 @@ class GenerationOutcome:
     def image_base64(self) -> str:
         return base64.b64encode(self.png).decode("ascii")
 
-
-logger = logging.getLogger(__name__)
+    def timings(self) -> dict[str, float]:
+        """The timings as reported: milliseconds, two decimals (the one place they are rounded)."""
+        return {name: round_ms(getattr(self, name)) for name in ("queue_ms", "lora_ms", "generation_ms", "total_ms")}
 
 
 class GenerationService:
-    def __init__(
-        self, settings: Settings, engine: DiffusionEngine, loras: LoraManager, queue: GenerationQueue, metrics=None
-    ):
+    def __init__(self, settings: Settings, loras: LoraManager, queue: GenerationQueue, metrics=None):
         self.settings = settings
-        self.metrics = metrics
-        self.engine = engine
         self.loras = loras
         self.queue = queue
+        self.metrics = metrics
 
     def check_limits(self, width: int, height: int, steps: int, lora_count: int) -> None:
         s = self.settings
@@ -81,40 +76,61 @@ class GenerationService:
             )
 
     async def generate(
-        self,
-        spec: GenerationSpec,
-        loras: list[LoraSpec],
-        strict: bool = False,
-        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
     ) -> GenerationOutcome:
+        """One image: reserve a place, acquire the LoRAs, run the job."""
         start = time.perf_counter()
-        self.queue.reserve()  # refuse early, before any file work, when the queue is full
+        acquired = await self.acquire(loras, strict)
+        return await self.render(spec, acquired, loras, disconnected, start)
+
+    async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> AcquiredLoras:
+        """Take a place in the queue (429 at once when full, before any file work), then load the LoRAs.
+
+        The place is the next `render`'s; give it back with `queue.release_reservation` if none follows.
+        """
+        self.queue.reserve()
         try:
-            acquired = await run_in_threadpool(self.loras.acquire, loras, strict)
+            return await run_in_threadpool(self.loras.acquire, loras, strict)
         except BaseException:
             self.queue.release_reservation()
             raise
-        try:
-            result, queue_ms = await self.queue.run(
-                lambda: self.engine.generate(spec, acquired.adapters), disconnected
-            )
-        finally:
-            self.loras.release(acquired)
+
+    async def render(
+        self,
+        spec: GenerationSpec,
+        acquired: AcquiredLoras,
+        loras: Sequence[LoraSpec],
+        disconnected: Disconnected = None,
+        start: float | None = None,
+    ) -> GenerationOutcome:
+        """Run one job with `loras` (a subset of `acquired`, at their own weights) in the reserved place."""
+        start = time.perf_counter() if start is None else start
+        adapters, applied, warnings = acquired.select(loras)
+        load_ms = acquired.take_load_ms()  # the first image of an acquisition carries its file loading
+        result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters)), disconnected)
         if self.metrics is not None:
             self.metrics.generation_seconds.observe(result.generation_ms / 1000)
         png = await run_in_threadpool(encode_png, result.image)
+        brands = [a.key for a in adapters if a.weight != 0.0]
+        record_image(brands, queue_ms, load_ms + result.lora_ms, result.generation_ms)
         return GenerationOutcome(
+            image=result.image,
             png=png,
             seed=spec.seed,
             width=spec.width,
             height=spec.height,
-            loras=acquired.applied,
-            warnings=acquired.warnings + result.warnings,
+            loras=applied,
+            warnings=warnings + result.warnings,
             queue_ms=queue_ms,
-            lora_ms=acquired.load_ms + result.lora_ms,
+            lora_ms=load_ms + result.lora_ms,
             generation_ms=result.generation_ms,
             total_ms=(time.perf_counter() - start) * 1000,
         )
+
+
+def round_ms(ms: float) -> float:
+    """Milliseconds as the API reports them: two decimals."""
+    return round(ms, 2)
 
 
 def draw_seed() -> int:

@@ -1,13 +1,18 @@
-"""What the running app holds: settings, the LoRA registry, and (once loaded) engine and services."""
+"""What the running app holds (settings, LoRA registry and facts, and once loaded the engine and the
+services), its life cycle (background loading, draining on SIGTERM) and whether it is ready."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.config import Settings
 from app.lora.catalog import LoraCatalog
+from app.lora.file_facts import LoraFileFacts
 from app.lora.registry import LoraRegistry
 
 logger = logging.getLogger(__name__)
@@ -17,6 +22,7 @@ logger = logging.getLogger(__name__)
 class AppState:
     settings: Settings
     registry: LoraRegistry
+    facts: LoraFileFacts
     catalog: LoraCatalog
     engine: object | None = None  # DiffusionEngine, once loaded
     loras: object | None = None  # LoraManager
@@ -26,9 +32,16 @@ class AppState:
     metrics: object | None = None  # ServiceMetrics
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
+    draining: bool = False
     _ready: threading.Event = field(default_factory=threading.Event)
     _start_lock: threading.Lock = field(default_factory=threading.Lock)
     _loader: threading.Thread | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> AppState:
+        registry = LoraRegistry(settings.lora_base_dir)
+        facts = LoraFileFacts(settings.lora_max_file_mb * 1024 * 1024)
+        return cls(settings=settings, registry=registry, facts=facts, catalog=LoraCatalog(registry, facts))
 
     @property
     def ready(self) -> bool:
@@ -37,16 +50,28 @@ class AppState:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    def not_ready_reason(self) -> tuple[str, str | None] | None:
+        """(status, why) when the service should not get new traffic; None when it should."""
+        if self.draining:
+            return "draining", "the service is shutting down"
+        if self.load_error:
+            return "failed", f"the model failed to load: {self.load_error}"
+        if not self.ready:
+            return "loading", "the model is still loading; retry shortly"
+        stalled = self.queue.stalled_for()
+        if stalled is not None:
+            return "stalled", f"the generation worker has made no progress for {stalled:.0f} s (WATCHDOG_S)"
+        return None
+
     def start(self) -> None:
         """Begin loading in the background, once per app; a restarted app gets a fresh queue."""
         with self._start_lock:
+            self.draining = False
             if self._loader is None:
                 self._loader = threading.Thread(target=self.load, name="model-loader", daemon=True)
                 self._loader.start()
             elif self.ready and self.queue.closed:
-                from app.queueing import GenerationQueue
-
-                self.queue = GenerationQueue(self.settings.max_queue_size, self.settings.request_timeout_s)
+                self.queue = self._new_queue(self.engine)
                 self.service.queue = self.queue
 
     def stop(self) -> None:
@@ -60,21 +85,81 @@ class AppState:
     def load(self) -> None:
         """Load the model and preload brands; runs in a background thread so /health answers at once."""
         # Imported here: torch and diffusers take seconds to import and are not needed for /health.
-        from app.engine.pipeline import DiffusionEngine
+        from app.engine.diffusion import DiffusionEngine
         from app.lora.manager import LoraManager
-        from app.queueing import GenerationQueue
         from app.service import GenerationService
 
         s = self.settings
         try:
             engine = DiffusionEngine(s)
-            loras = LoraManager(self.registry, engine, s.lora_cache_enabled, s.lora_cache_max_size, s.lora_max_file_mb)
+            loras = LoraManager(self.registry, self.facts, engine, s.lora_cache_enabled, s.lora_cache_max_size)
             self.preload = loras.preload(s.preload_brands)
-            self.queue = GenerationQueue(s.max_queue_size, s.request_timeout_s)
+            self.queue = self._new_queue(engine)
             self.engine, self.loras = engine, loras
-            self.service = GenerationService(s, engine, loras, self.queue, self.metrics)
+            self.service = GenerationService(s, loras, self.queue, self.metrics)
             self._ready.set()
             logger.info("ready: model %s on %s (%s)", s.model_id, engine.device, engine.dtype)
         except Exception as exc:  # reported by /ready; the process stays up to say why
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the model failed")
+
+    def _new_queue(self, engine):
+        from app.queueing import GenerationQueue
+
+        s = self.settings
+        return GenerationQueue(
+            lambda job, on_step: engine.generate(job, on_step=on_step),
+            s.max_queue_size,
+            s.request_timeout_s,
+            s.watchdog_s,
+        )
+
+    def begin_drain(self) -> None:
+        """Take no new work (/ready and new generations answer 503); work already accepted goes on."""
+        self.draining = True
+        logger.warning("draining: new work is refused; waiting for %d accepted requests", self.busy())
+
+    def busy(self) -> int:
+        return self.queue.depth if self.queue is not None else 0
+
+    def wait_drained(self, grace_s: float) -> bool:
+        """Wait until accepted work is done or `grace_s` passed; True when nothing was left."""
+        deadline = time.monotonic() + grace_s
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.busy() == 0
+
+
+def install_sigterm_drain(state: AppState) -> Callable[[], None]:
+    """On SIGTERM: drain (see `begin_drain`), then let the server shut down. Returns the undo.
+
+    Servers stop listening as soon as they get SIGTERM, so a load balancer could not even see /ready
+    turn 503. This handler keeps serving while accepted work finishes (up to SHUTDOWN_GRACE_S), then
+    asks the server to exit as if the signal had just arrived. Installed only in the main thread (the
+    server's); elsewhere (tests' in-process clients) there is no signal to handle.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def finish() -> None:
+        drained = state.wait_drained(state.settings.shutdown_grace_s)
+        if not drained:
+            logger.warning("draining: %d requests still running after SHUTDOWN_GRACE_S; exiting", state.busy())
+        server = getattr(previous, "__self__", None)
+        if server is not None and hasattr(server, "should_exit"):
+            server.should_exit = True  # uvicorn: a normal shutdown, exit status 0
+        elif callable(previous):
+            previous(signal.SIGTERM, None)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if state.draining:
+            return
+        state.begin_drain()
+        threading.Thread(target=finish, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)

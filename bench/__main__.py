@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     transformers_logging.disable_progress_bar()
 
     from app.config import Settings
-    from app.engine.pipeline import DiffusionEngine, GenerationSpec
+    from app.engine.diffusion import DiffusionEngine
+    from app.jobs import GenerationSpec
     from bench import report, workloads
 
     if args.threads:

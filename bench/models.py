@@ -38,18 +38,3 @@ def sd15_random_path(cache_dir: Path) -> Path:
 def build_sd15_random(seed: int = 0):
     """SD 1.5's architecture with seeded random weights (float32; the engine casts on load)."""
     return build_sd15_pipeline(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_ENCODER_CONFIG, seed=seed)
-
-
-def sd15_parameter_counts() -> dict[str, int]:
-    """Parameter counts of the sd15-random components, built on the meta device (no memory, instant)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        models = {
-            "unet": UNet2DConditionModel(**SD15_UNET_CONFIG),
-            "vae": AutoencoderKL(**SD15_VAE_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)),
-        }
-    return {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from app.engine.pipeline import ActiveAdapter, DiffusionEngine, GenerationSpec
-from app.lora.manager import LoraManager, LoraSpec
+from app.engine.diffusion import DiffusionEngine
+from app.jobs import ActiveAdapter, GenerationJob, GenerationSpec, LoraSpec
+from app.lora.file_facts import LoraFileFacts
+from app.lora.manager import LoraManager
 from app.lora.registry import LoraRegistry
 from bench.loras import LoraShape, write_brands
 
@@ -73,12 +75,17 @@ class Row:
         return loras
 
 
+def new_manager(registry: LoraRegistry, engine: DiffusionEngine, cache_size: int) -> LoraManager:
+    """The service's LoRA manager over a benchmark folder (files up to 1 GiB, cache on)."""
+    facts = LoraFileFacts(max_file_bytes=2**30)
+    return LoraManager(registry, facts, engine, cache_enabled=True, cache_max_size=cache_size)
+
+
 def engine_request(engine: DiffusionEngine, manager: LoraManager, spec: GenerationSpec, loras) -> Sample:
     before = manager.cache.stats()
     start = time.perf_counter()
     acquired = manager.acquire(loras)
-    result = engine.generate(spec, acquired.adapters)
-    manager.release(acquired)
+    result = engine.generate(GenerationJob(spec, tuple(acquired.adapters)))
     sync(engine)
     latency = (time.perf_counter() - start) * 1000
     after = manager.cache.stats()
@@ -93,7 +100,7 @@ class NaiveDiffusers:
 
         self.registry = registry
         self.pipe = StableDiffusionPipeline.from_pretrained(
-            engine.model_path, torch_dtype=engine.dtype, safety_checker=None, requires_safety_checker=False
+            engine.model_path, dtype=engine.dtype, safety_checker=None, requires_safety_checker=False
         ).to(engine.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.engine = engine
@@ -145,7 +152,7 @@ def build_rows(
     registry = LoraRegistry(lora_root)
 
     def manager(cache_size: int) -> LoraManager:
-        return LoraManager(registry, engine, cache_enabled=True, cache_max_size=cache_size, max_file_mb=1024)
+        return new_manager(registry, engine, cache_size)
 
     zipf = zipf_sequence(20, 100_000, args.zipf_s, seed=7)
     mix_weights = (0.6, 0.3, 0.3)
@@ -249,15 +256,14 @@ def lora_operations(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, 
             path = lora_root / brand / "style.safetensors"
             sync(engine)
             start = time.perf_counter()
-            engine.load_adapter(brand, path)
+            engine.load_adapter(path)
             sync(engine)
             times.append((time.perf_counter() - start) * 1000)
-            engine.remove_adapter(brand)
         results[f"cold load rank {rank} (ms)"] = sorted(times)[len(times) // 2]
     path = lora_root / f"ops-r{ranks[0]}-0" / "style.safetensors"
     for count in resident_counts:
         keys = [f"resident-{i}" for i in range(count)]
-        weights = [engine.load_adapter(k, path) for k in keys]
+        weights = [engine.load_adapter(path) for _ in keys]
         times = []
         for i in range(max(10, 2 * repeats)):
             # Alternate between two adapters (base <-> adapter when only one is resident).
@@ -265,15 +271,13 @@ def lora_operations(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, 
             wanted = [ActiveAdapter(keys[j], weights[j], LORA_WEIGHT)] if (count > 1 or i % 2) else []
             sync(engine)
             start = time.perf_counter()
-            # The engine's own merge step, bracketed by device syncs so GPU work is counted in full.
-            with engine._lock:
-                engine._activate(wanted)
+            # The engine's own merge step (nothing else runs here), bracketed by device syncs so GPU
+            # work is counted in full.
+            engine.merger.activate(wanted)
             sync(engine)
             times.append((time.perf_counter() - start) * 1000)
-        for k in keys:
-            engine.remove_adapter(k)
-        with engine._lock, torch.no_grad():
-            engine._restore_base()
+        del weights
+        engine.restore_base()
         results[f"switch, {count} resident (ms)"] = sorted(times[2:])[len(times[2:]) // 2]
     return results
 
@@ -281,7 +285,7 @@ def lora_operations(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, 
 def soak(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, spec: GenerationSpec, requests: int, warmup: int):
     """`requests` requests switching at random among 20 adapters with cache 5; RSS at start/warm-up/end."""
     brands = write_brands(lora_root, engine.pipe, [f"soak-b{i:02d}" for i in range(20)], shape, seed=500)
-    manager = LoraManager(LoraRegistry(lora_root), engine, cache_enabled=True, cache_max_size=5, max_file_mb=1024)
+    manager = new_manager(LoraRegistry(lora_root), engine, cache_size=5)
     rng = random.Random(11)
     points = {"start": rss_bytes()}
     gpu = {"start": torch.cuda.memory_allocated()} if engine.device == "cuda" else None
@@ -308,5 +312,5 @@ def soak(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, spec: Gener
         "rss_growth_after_warmup_pct": growth,
         "flat": growth <= 5.0,
         "cache": {"hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions},
-        "resident_after": len(engine.resident_adapters()),
+        "resident_after": len(manager.resident_adapters()),
     }

@@ -102,7 +102,7 @@ test_settings.__test__ = False  # a helper, not a test
 @pytest.fixture(scope="session")
 def engine(model_cache_dir: Path, model_dir: Path, tmp_path_factory):
     """One real DiffusionEngine for the session. Tests pass their adapters to each generate call."""
-    from app.engine.pipeline import DiffusionEngine
+    from app.engine.diffusion import DiffusionEngine
 
     return DiffusionEngine(test_settings(model_cache_dir, tmp_path_factory.mktemp("engine-loras")))
 
@@ -148,8 +148,15 @@ def reference_image(
         ).images[0]
 
 
+def render(engine, spec, adapters=(), output_type: str = "np"):
+    """The engine's image for one job (a float array in 0..1 unless `output_type` says otherwise)."""
+    from app.jobs import GenerationJob
+
+    return engine.generate(GenerationJob(spec, tuple(adapters)), output_type=output_type).image
+
+
 def spec(seed: int = 7, prompt: str = PROMPT, size: int = SIZE, guidance: float = GUIDANCE):
-    from app.engine.pipeline import GenerationSpec
+    from app.jobs import GenerationSpec
 
     return GenerationSpec(
         prompt=prompt,
@@ -245,23 +252,23 @@ def expected_png(engine) -> Callable[..., bytes]:
 
     Results are memoised by the file's sha256, so files with the same bytes share one rendering.
     """
-    from app.engine.pipeline import ActiveAdapter
+    from app.jobs import ActiveAdapter
     from app.service import encode_png
 
     rendered: dict[tuple, bytes] = {}
 
-    def render(lora_path: Path | None = None, weight: float = 0.8, seed: int = 7) -> bytes:
+    def expected(lora_path: Path | None = None, weight: float = 0.8, seed: int = 7) -> bytes:
         digest = sha256_of(lora_path) if lora_path is not None else None
         key = (digest, weight if digest else None, seed)
         if key not in rendered:
             adapters = []
             if lora_path is not None:
                 name = f"expected-{digest[:16]}"
-                adapters = [ActiveAdapter(name, engine.load_adapter(name, Path(lora_path)), weight)]
-            rendered[key] = encode_png(engine.generate(spec(seed), adapters).image)
+                adapters = [ActiveAdapter(name, engine.load_adapter(Path(lora_path)), weight)]
+            rendered[key] = encode_png(render(engine, spec(seed), adapters, output_type="pil"))
         return rendered[key]
 
-    return render
+    return expected
 
 
 # ---- the app -------------------------------------------------------------------------------------

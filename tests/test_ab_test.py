@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import sqlite3
 import threading
@@ -25,10 +26,11 @@ from app.ab.runner import run_ab_test
 from app.ab.store import STORE_FILE
 from app.config import Settings
 from app.demo import write_demo_loras
-from app.engine.pipeline import ActiveAdapter, GenerationResult, GenerationSpec
-from app.lora.manager import AcquiredLoras, AppliedLora
+from app.jobs import ActiveAdapter, AppliedLora, GenerationSpec, JobResult
+from app.lora.manager import AcquiredLoras, Resolution
 from app.main import create_app
 from app.queueing import GenerationQueue
+from app.service import GenerationService
 
 SIZE = 64
 STEPS = 2
@@ -276,12 +278,12 @@ def test_variants_are_separate_jobs_that_let_other_requests_in():
     order: list[str] = []
     first_running, release = threading.Event(), threading.Event()
 
-    def generate(spec, adapters):
-        order.append(f"ab {adapters[0].weight:g}")
+    def execute(job, on_step):
+        order.append(f"ab {job.adapters[0].weight:g}" if job.adapters else job.spec.prompt)
         if len(order) == 1:
             first_running.set()
             assert release.wait(5)
-        return GenerationResult(Image.new("RGB", (8, 8)), 0.0, 0.0)
+        return JobResult(Image.new("RGB", (8, 8)), 0.0, 0.0)
 
     acquire_calls = []
 
@@ -289,26 +291,17 @@ def test_variants_are_separate_jobs_that_let_other_requests_in():
         acquire_calls.append(list(specs))
         adapter = ActiveAdapter("acme", object(), 0.8)
         applied = AppliedLora("acme", "default", 0.8, None, "acme/style.safetensors", "0" * 64)
-        return AcquiredLoras(adapters=[adapter], applied=[applied])
+        return AcquiredLoras(specs=list(specs), resolved={("acme", None): Resolution(adapter, applied)})
 
-    queue = GenerationQueue(max_waiting=4, timeout_s=10)
-    service = SimpleNamespace(
-        queue=queue,
-        engine=SimpleNamespace(generate=generate),
-        loras=SimpleNamespace(
-            acquire=acquire,
-            release=lambda acquired: None,
-            registry=SimpleNamespace(resolve=lambda brand, version: SimpleNamespace(key=brand)),
-        ),
-    )
+    queue = GenerationQueue(execute, max_waiting=4, timeout_s=10)
+    service = GenerationService(Settings(), SimpleNamespace(acquire=acquire), queue)
     plan = plan_grid([GridAxis("acme", (0.2, 0.5, 0.8))], seeds=[1], max_variants=16)
     spec = GenerationSpec("p", None, 64, 64, 2, 7.5, 1)
 
     async def scenario():
         test = asyncio.create_task(run_ab_test(service, plan, spec))
         await asyncio.to_thread(first_running.wait, 5)
-        queue.reserve()
-        other = asyncio.create_task(queue.run(lambda: order.append("other user")))
+        other = asyncio.create_task(service.generate(dataclasses.replace(spec, prompt="other user"), []))
         await asyncio.sleep(0.1)  # the other request is in the queue now
         release.set()
         outcome, _ = await asyncio.gather(test, other)
@@ -319,6 +312,6 @@ def test_variants_are_separate_jobs_that_let_other_requests_in():
     finally:
         queue.shutdown()
     assert order == ["ab 0.2", "other user", "ab 0.5", "ab 0.8"]
-    assert len(acquire_calls) == 1 and [s.brand_id for s in acquire_calls[0]] == ["acme"]
+    assert len(acquire_calls) == 2 and [s.brand_id for s in acquire_calls[0]] == ["acme"]
     assert [v.applied[0].weight for v in outcome.variants] == [0.2, 0.5, 0.8]
     assert queue.depth == 0

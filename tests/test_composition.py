@@ -16,11 +16,10 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.engine.embedded import embedded_model_path
-from app.engine.pipeline import GenerationSpec
-from app.lora.manager import LoraSpec
+from app.jobs import GenerationSpec, LoraSpec
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 from app.main import create_app
-from tests.conftest import assert_as_accurate_as_diffusers
+from tests.conftest import assert_as_accurate_as_diffusers, render
 
 SIZE = 64
 STEPS = 2
@@ -129,8 +128,8 @@ def test_three_loras_are_as_accurate_as_diffusers_set_adapters(api, lora_root, m
     acquired = state.loras.acquire(specs)
     assert acquired.warnings == []
     spec = GenerationSpec(PROMPT, None, SIZE, SIZE, STEPS, GUIDANCE, SEED)
-    merged = state.engine.generate(spec, acquired.adapters, output_type="np").image
-    base = state.engine.generate(spec, [], output_type="np").image
+    merged = render(state.engine, spec, acquired.adapters)
+    base = render(state.engine, spec)
 
     assert merged.shape == base.shape == (SIZE, SIZE, 3)
     assert np.abs(merged - base).max() > VISIBLE_CHANGE, "the composition should visibly change the image"

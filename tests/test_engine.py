@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from app.engine.lora_weights import LoraIncompatibleError
-from app.engine.pipeline import ActiveAdapter
-from tests.conftest import GUIDANCE, assert_as_accurate_as_diffusers, reference_image, spec
+from app.jobs import ActiveAdapter
+from tests.conftest import GUIDANCE, assert_as_accurate_as_diffusers, reference_image, render, spec
 
 SEED = 11
 # The synthetic LoRAs change the image a lot; a comparison is only meaningful if the LoRA shows.
@@ -16,11 +16,11 @@ VISIBLE_CHANGE = 0.02
 
 @pytest.fixture(scope="module")
 def base_image(engine) -> np.ndarray:
-    return engine.generate(spec(SEED), (), output_type="np").image
+    return render(engine, spec(SEED))
 
 
 def generate(engine, adapters=()) -> np.ndarray:
-    return engine.generate(spec(SEED), adapters, output_type="np").image
+    return render(engine, spec(SEED), adapters)
 
 
 def test_base_image_equals_diffusers_own_call(engine, reference_pipe, base_image):
@@ -47,7 +47,7 @@ LORA_CASES = {
 
 @pytest.fixture(scope="module")
 def base_image_no_cfg(engine) -> np.ndarray:
-    return engine.generate(spec(SEED, guidance=NO_CFG), (), output_type="np").image
+    return render(engine, spec(SEED, guidance=NO_CFG))
 
 
 @pytest.mark.parametrize("case", LORA_CASES.values(), ids=LORA_CASES.keys())
@@ -56,8 +56,8 @@ def test_lora_equals_diffusers_load_lora_weights(engine, model_dir, make_lora, t
     weight = case.pop("weight")
     path = make_lora(tmp_path / "brand.safetensors", seed=3, **case)
 
-    adapter = ActiveAdapter("brand", engine.load_adapter("brand", path), weight)
-    merged = engine.generate(spec(SEED, guidance=NO_CFG), [adapter], output_type="np").image
+    adapter = ActiveAdapter("brand", engine.load_adapter(path), weight)
+    merged = render(engine, spec(SEED, guidance=NO_CFG), [adapter])
 
     assert np.abs(merged - base_image_no_cfg).max() > VISIBLE_CHANGE, "the LoRA should visibly change the image"
     assert_as_accurate_as_diffusers(merged, model_dir, [(path, weight)], SEED, NO_CFG)
@@ -66,19 +66,19 @@ def test_lora_equals_diffusers_load_lora_weights(engine, model_dir, make_lora, t
 def test_two_loras_equal_diffusers_set_adapters_in_any_order(engine, model_dir, make_lora, tmp_path):
     a = make_lora(tmp_path / "a.safetensors", key_format="peft", seed=21)
     b = make_lora(tmp_path / "b.safetensors", key_format="kohya", seed=22, text_encoder_layers=False)
-    wa, wb = engine.load_adapter("a", a), engine.load_adapter("b", b)
+    wa, wb = engine.load_adapter(a), engine.load_adapter(b)
 
-    ab = engine.generate(spec(SEED, guidance=NO_CFG), [ActiveAdapter("a", wa, 0.7), ActiveAdapter("b", wb, 0.4)], "np")
-    ba = engine.generate(spec(SEED, guidance=NO_CFG), [ActiveAdapter("b", wb, 0.4), ActiveAdapter("a", wa, 0.7)], "np")
+    ab = render(engine, spec(SEED, guidance=NO_CFG), [ActiveAdapter("a", wa, 0.7), ActiveAdapter("b", wb, 0.4)])
+    ba = render(engine, spec(SEED, guidance=NO_CFG), [ActiveAdapter("b", wb, 0.4), ActiveAdapter("a", wa, 0.7)])
 
-    np.testing.assert_array_equal(ab.image, ba.image)
-    assert_as_accurate_as_diffusers(ab.image, model_dir, [(a, 0.7), (b, 0.4)], SEED, NO_CFG)
+    np.testing.assert_array_equal(ab, ba)
+    assert_as_accurate_as_diffusers(ab, model_dir, [(a, 0.7), (b, 0.4)], SEED, NO_CFG)
 
 
 def test_strong_conv_lora_with_guidance_is_as_accurate_as_diffusers(engine, model_dir, make_lora, tmp_path, base_image):
     path = make_lora(tmp_path / "strong.safetensors", key_format="kohya", convolutions=True, seed=9, strength=2.0)
 
-    merged = generate(engine, [ActiveAdapter("strong", engine.load_adapter("strong", path), 1.0)])
+    merged = generate(engine, [ActiveAdapter("strong", engine.load_adapter(path), 1.0)])
 
     assert np.abs(merged - base_image).max() > VISIBLE_CHANGE
     assert_as_accurate_as_diffusers(merged, model_dir, [(path, 1.0)], SEED, GUIDANCE)
@@ -87,14 +87,14 @@ def test_strong_conv_lora_with_guidance_is_as_accurate_as_diffusers(engine, mode
 def test_weight_zero_gives_the_base_image_bit_exact(engine, make_lora, tmp_path, base_image):
     path = make_lora(tmp_path / "brand.safetensors", seed=4)
 
-    image = generate(engine, [ActiveAdapter("zero", engine.load_adapter("zero", path), 0.0)])
+    image = generate(engine, [ActiveAdapter("zero", engine.load_adapter(path), 0.0)])
 
     np.testing.assert_array_equal(image, base_image)
 
 
 def test_base_image_comes_back_bit_exact_after_a_lora(engine, make_lora, tmp_path, base_image):
     path = make_lora(tmp_path / "brand.safetensors", key_format="kohya", convolutions=True, seed=5)
-    with_lora = generate(engine, [ActiveAdapter("after", engine.load_adapter("after", path), 1.0)])
+    with_lora = generate(engine, [ActiveAdapter("after", engine.load_adapter(path), 1.0)])
 
     after = generate(engine)
 
@@ -106,7 +106,7 @@ def test_restore_base_after_a_merge_gives_the_base_weights_back(engine, make_lor
     import torch
 
     path = make_lora(tmp_path / "brand.safetensors", convolutions=True, seed=6)
-    generate(engine, [ActiveAdapter("restore", engine.load_adapter("restore", path), 1.0)])
+    generate(engine, [ActiveAdapter("restore", engine.load_adapter(path), 1.0)])
     module = engine.pipe.unet.down_blocks[0].resnets[0].conv1
     pristine = base_modules[0].down_blocks[0].resnets[0].conv1.weight
     assert not torch.equal(module.weight, pristine), "the LoRA should have been merged into this conv"
@@ -121,16 +121,6 @@ def test_lora_for_another_architecture_is_refused_with_the_reason(engine, make_f
     path = make_foreign_lora(tmp_path / "sdxl-like.safetensors", key_format=key_format)
 
     with pytest.raises(LoraIncompatibleError, match="does not fit") as excinfo:
-        engine.load_adapter("foreign", path)
+        engine.load_adapter(path)
 
     assert "wrong shape" in str(excinfo.value)
-    assert "foreign" not in engine.resident_adapters()
-
-
-def test_remove_adapter_is_idempotent(engine, make_lora, tmp_path):
-    engine.load_adapter("gone", make_lora(tmp_path / "brand.safetensors", seed=8))
-    assert "gone" in engine.resident_adapters()
-
-    assert engine.remove_adapter("gone") is True
-    assert engine.remove_adapter("gone") is False
-    assert "gone" not in engine.resident_adapters()

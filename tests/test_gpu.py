@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import reference_image, spec
+from tests.conftest import reference_image, render, spec
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,7 +21,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cuda_engine(model_cache_dir):
     from app.config import Settings
-    from app.engine.pipeline import DiffusionEngine
+    from app.engine.diffusion import DiffusionEngine
 
     engine = DiffusionEngine(Settings(model_cache_dir=model_cache_dir, device="cuda", dtype="auto"))
     assert engine.dtype == torch.float16
@@ -39,12 +39,12 @@ def _cuda_reference(model_dir):
 
 
 def test_float16_lora_matches_diffusers_and_the_base_comes_back(cuda_engine, model_dir, make_lora, tmp_path):
-    from app.engine.pipeline import ActiveAdapter
+    from app.jobs import ActiveAdapter
 
     path = make_lora(tmp_path / "a.safetensors", key_format="kohya", convolutions=True, alpha=2.0, strength=0.5)
-    base = cuda_engine.generate(spec(seed=5, guidance=1.0), output_type="np").image
-    weights = cuda_engine.load_adapter("a", path)
-    ours = cuda_engine.generate(spec(seed=5, guidance=1.0), [ActiveAdapter("a", weights, 0.8)], output_type="np").image
+    base = render(cuda_engine, spec(seed=5, guidance=1.0))
+    weights = cuda_engine.load_adapter(path)
+    ours = render(cuda_engine, spec(seed=5, guidance=1.0), [ActiveAdapter("a", weights, 0.8)])
 
     reference = _cuda_reference(model_dir)
     reference.load_lora_weights(str(path), adapter_name="a")
@@ -53,5 +53,5 @@ def test_float16_lora_matches_diffusers_and_the_base_comes_back(cuda_engine, mod
 
     assert np.abs(ours - base).max() > 0.01  # the LoRA visibly changed the image
     assert np.abs(ours - theirs).max() <= 4e-3  # the fp16 tolerance
-    back = cuda_engine.generate(spec(seed=5, guidance=1.0), output_type="np").image
+    back = render(cuda_engine, spec(seed=5, guidance=1.0))
     assert np.array_equal(back, base)

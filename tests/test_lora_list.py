@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.engine.embedded import embedded_model_path
-from app.lora import registry as registry_module
+from app.lora import file_facts as file_facts_module
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 from app.main import create_app
 
@@ -213,13 +213,13 @@ def test_limit_above_500_is_422(api):
 
 def test_sha256_is_computed_once_per_file_content(api, lora_root, layers, monkeypatch):
     hashed: Counter[str] = Counter()
-    real_hash_file = registry_module._hash_file
+    real_hash_file = file_facts_module._hash_file
 
     def counting_hash_file(path):
         hashed[os.path.realpath(path)] += 1
         return real_hash_file(path)
 
-    monkeypatch.setattr(registry_module, "_hash_file", counting_hash_file)
+    monkeypatch.setattr(file_facts_module, "_hash_file", counting_hash_file)
     brand_dir = lora_root / "rehash"
     path = brand_dir / "style.safetensors"
     write_lora(path, random_lora_state_dict(layers["small"], seed=20))

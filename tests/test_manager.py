@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import png_bytes, sha256_of, small_request
@@ -29,9 +31,9 @@ def count_engine_loads(monkeypatch, client) -> list[str]:
     calls: list[str] = []
     real = engine.load_adapter
 
-    def counting(key, path):
-        calls.append(key)
-        return real(key, path)
+    def counting(path, header=None):
+        calls.append(Path(path).parent.name)
+        return real(path, header)
 
     monkeypatch.setattr(engine, "load_adapter", counting)
     return calls
@@ -59,7 +61,7 @@ def test_scripted_sequence_gives_exact_stats(make_client, lora_root, three_brand
             "hit_rate": pytest.approx(1 / 6),
         }
         # Evicted adapters are released by the engine, not just forgotten by the cache.
-        assert sorted(app_state(c).engine.resident_adapters()) == ["b", "c"]
+        assert sorted(app_state(c).loras.resident_adapters()) == ["b", "c"]
 
 
 def test_evicted_brand_reloads_to_the_same_image(make_client, lora_root, three_brands, expected_png):
@@ -103,7 +105,7 @@ def test_preload_loads_good_brands_and_survives_unknown_and_broken_ones(
             assert refused["loras"] == []
             assert "broken" in refused["warnings"][0] and "does not fit" in refused["warnings"][0]
         assert loads == []
-        assert app_state(c).loras.invalid_count() == 1
+        assert app_state(c).facts.invalid_count() == 1
 
         # A fixed upload replaces it: read once, applied, and no longer invalid.
         fixed = make_lora(lora_root / "broken" / "fixed.tmp", seed=5)
@@ -113,20 +115,19 @@ def test_preload_loads_good_brands_and_survives_unknown_and_broken_ones(
         assert repaired["warnings"] == []
         assert repaired["loras"][0]["sha256"] == sha256_of(broken)
         assert png_bytes(repaired["image"]) == expected_png(broken, 0.8)
-        assert app_state(c).loras.invalid_count() == 0
+        assert app_state(c).facts.invalid_count() == 0
 
 
 def test_garbage_file_gives_base_image_with_warning_and_is_not_reread(make_client, lora_root, monkeypatch):
-    from app.lora import manager as manager_module
+    from app.lora import file_facts as file_facts_module
 
     garbage = lora_root / "junk" / "style.safetensors"
     garbage.parent.mkdir()
     garbage.write_bytes(b"this is not a safetensors file at all")
     header_reads: list[str] = []
-    real_read = manager_module.read_lora_header
-    monkeypatch.setattr(
-        manager_module, "read_lora_header", lambda path, limit: header_reads.append(path.name) or real_read(path, limit)
-    )
+    real_read = file_facts_module.read_lora_header
+    counting = lambda path, limit: header_reads.append(path.name) or real_read(path, limit)  # noqa: E731
+    monkeypatch.setattr(file_facts_module, "read_lora_header", counting)
 
     with make_client(lora_root) as c:
         base = generate(c)
@@ -156,7 +157,7 @@ def test_clear_empties_the_cache_keeps_counters_and_leaves_base_output_unchanged
         after = stats(c)
         assert (after["size"], after["cached"]) == (0, [])
         assert (after["hits"], after["misses"], after["evictions"]) == (before["hits"], before["misses"], 0)
-        assert app_state(c).engine.resident_adapters() == []
+        assert app_state(c).loras.resident_adapters() == []
         assert c.post("/lora/cache/clear").json() == {"cleared": 0}
 
         assert generate(c)["image"] == base_before["image"]
@@ -193,7 +194,7 @@ def test_deleted_file_gives_the_base_image_with_a_warning(make_client, lora_root
 
         # The deleted file's weights are dropped, not kept resident until some eviction.
         assert stats(c)["cached"] == []
-        assert app_state(c).engine.resident_adapters() == []
+        assert app_state(c).loras.resident_adapters() == []
 
     assert branded["image"] != base["image"]
     assert after["image"] == base["image"]
@@ -213,4 +214,4 @@ def test_disabled_cache_still_applies_loras_and_keeps_nothing(make_client, lora_
         current = stats(c)
         assert (current["enabled"], current["size"], current["cached"]) == (False, 0, [])
         assert (current["hits"], current["misses"]) == (0, 3)
-        assert app_state(c).engine.resident_adapters() == []
+        assert app_state(c).loras.resident_adapters() == []

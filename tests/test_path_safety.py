@@ -115,7 +115,7 @@ def _check_symlink_refused(setup, brand: str) -> None:
     assert str(outside) not in listing.text and "secret" not in listing.text
     listed = {b["brand_id"]: b for b in listing.json()["data"]}
     assert brand not in listed or listed[brand]["valid"] is False
-    assert state.loras.loads == 0 and state.engine.resident_adapters() == []
+    assert state.loras.loads == 0 and state.loras.resident_adapters() == []
 
 
 def test_symlinked_brand_folder_is_refused(setup):
@@ -140,4 +140,4 @@ def test_the_real_brand_next_to_the_links_still_loads(setup):
     r = client.post("/generate", json={**REQUEST, "brand_id": "acme"})
     assert r.status_code == 200, r.text
     assert [lora["file"] for lora in r.json()["loras"]] == ["acme/style.safetensors"]
-    assert state.engine.resident_adapters() == ["acme"]
+    assert state.loras.resident_adapters() == ["acme"]

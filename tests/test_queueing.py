@@ -9,43 +9,56 @@ import threading
 import pytest
 import torch
 
-from app.queueing import ClientGone, GenerationQueue, QueueFull, QueueTimeout
+from app.errors import ClientGone, QueueFull, QueueTimeout
+from app.jobs import GenerationJob, GenerationSpec
+from app.queueing import GenerationQueue
 from tests.conftest import small_request
 
 
-def _blocker():
-    """A job that holds the worker until released, so the test controls who is waiting."""
-    started, release = threading.Event(), threading.Event()
+class ScriptedWorker:
+    """An executor for the queue: a job whose prompt is "hold" keeps the worker until `release`."""
 
-    def job():
-        started.set()
-        release.wait(10)
-        return "held"
+    def __init__(self):
+        self.started, self.released = threading.Event(), threading.Event()
+        self.ran: list[str] = []
 
-    return job, started, release
+    def __call__(self, job: GenerationJob, on_step) -> str:
+        if job.spec.prompt == "hold":
+            self.started.set()
+            self.released.wait(10)
+        self.ran.append(job.spec.prompt)
+        return job.spec.prompt
+
+
+def job(prompt: str) -> GenerationJob:
+    return GenerationJob(GenerationSpec(prompt, None, 64, 64, 1, 1.0, 0))
+
+
+async def hold_the_worker(queue: GenerationQueue, worker: ScriptedWorker):
+    queue.reserve()
+    running = asyncio.ensure_future(queue.submit(job("hold")))
+    await asyncio.to_thread(worker.started.wait, 5)
+    return running
 
 
 def test_jobs_run_in_arrival_order_and_the_queue_refuses_beyond_its_places():
     async def scenario():
-        queue = GenerationQueue(max_waiting=3, timeout_s=10)
-        hold, started, release = _blocker()
-        queue.reserve()
-        running = asyncio.ensure_future(queue.run(hold))
-        await asyncio.to_thread(started.wait, 5)
-        order: list[int] = []
+        worker = ScriptedWorker()
+        queue = GenerationQueue(worker, max_waiting=3, timeout_s=10)
+        running = await hold_the_worker(queue, worker)
         waiting = []
         for i in range(3):
             queue.reserve()
-            waiting.append(asyncio.ensure_future(queue.run(lambda i=i: order.append(i) or i)))
+            waiting.append(asyncio.ensure_future(queue.submit(job(str(i)))))
         await asyncio.sleep(0.05)
         assert queue.depth == 4  # one running, three waiting
         with pytest.raises(QueueFull) as refused:
             queue.reserve()
         assert refused.value.retry_after_s >= 1
-        release.set()
-        results = [(await job)[0] for job in [running, *waiting]]
-        assert results == ["held", 0, 1, 2]
-        assert order == [0, 1, 2]
+        worker.released.set()
+        results = [(await j)[0] for j in [running, *waiting]]
+        assert results == ["hold", "0", "1", "2"]
+        assert worker.ran == ["hold", "0", "1", "2"]
         assert queue.depth == 0
         queue.reserve()  # room again
         queue.release_reservation()
@@ -56,21 +69,18 @@ def test_jobs_run_in_arrival_order_and_the_queue_refuses_beyond_its_places():
 
 def test_a_request_that_waits_too_long_times_out_and_frees_its_place():
     async def scenario():
-        queue = GenerationQueue(max_waiting=1, timeout_s=0.3)
-        hold, started, release = _blocker()
-        queue.reserve()
-        running = asyncio.ensure_future(queue.run(hold))
-        await asyncio.to_thread(started.wait, 5)
-        ran = []
+        worker = ScriptedWorker()
+        queue = GenerationQueue(worker, max_waiting=1, timeout_s=0.3)
+        running = await hold_the_worker(queue, worker)
         queue.reserve()
         with pytest.raises(QueueTimeout):
-            await queue.run(lambda: ran.append(1))
+            await queue.submit(job("late"))
         queue.reserve()  # the timed-out request's place is free again
         queue.release_reservation()
-        release.set()
+        worker.released.set()
         await running
         await asyncio.sleep(0.05)
-        assert ran == []  # the abandoned job never ran
+        assert worker.ran == ["hold"]  # the abandoned job never ran
         queue.shutdown()
 
     asyncio.run(scenario())
@@ -78,25 +88,40 @@ def test_a_request_that_waits_too_long_times_out_and_frees_its_place():
 
 def test_a_client_that_disconnects_while_queued_frees_its_place():
     async def scenario():
-        queue = GenerationQueue(max_waiting=1, timeout_s=30)
-        hold, started, release = _blocker()
-        queue.reserve()
-        running = asyncio.ensure_future(queue.run(hold))
-        await asyncio.to_thread(started.wait, 5)
-        ran = []
+        worker = ScriptedWorker()
+        queue = GenerationQueue(worker, max_waiting=1, timeout_s=30)
+        running = await hold_the_worker(queue, worker)
 
         async def gone() -> bool:
             return True
 
         queue.reserve()
         with pytest.raises(ClientGone):
-            await queue.run(lambda: ran.append(1), disconnected=gone)
+            await queue.submit(job("gone"), disconnected=gone)
         queue.reserve()  # its place was given back
         queue.release_reservation()
-        release.set()
+        worker.released.set()
         await running
         await asyncio.sleep(0.05)
-        assert ran == []
+        assert worker.ran == ["hold"]
+        queue.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_the_watchdog_reports_a_worker_without_progress_while_work_waits():
+    async def scenario():
+        worker = ScriptedWorker()
+        queue = GenerationQueue(worker, max_waiting=2, timeout_s=30, watchdog_s=0.2)
+        assert queue.stalled_for() is None
+        running = await hold_the_worker(queue, worker)
+        await asyncio.sleep(0.5)
+        assert queue.stalled_for() is not None and queue.stalled_for() > 0.2
+        worker.released.set()
+        await running
+        assert queue.stalled_for() is None  # idle again: no work, no stall
+        await asyncio.sleep(0.5)
+        assert queue.stalled_for() is None  # idle time is not a stall
         queue.shutdown()
 
     asyncio.run(scenario())
@@ -108,11 +133,11 @@ def test_out_of_memory_during_generation_is_503_and_the_service_keeps_serving(ma
         real_run = engine._run_pipeline
         calls = []
 
-        def run_out_of_memory(spec, output_type):
+        def run_out_of_memory(spec, output_type, on_step):
             calls.append(spec)
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real_run(spec, output_type)
+            return real_run(spec, output_type, on_step)
 
         monkeypatch.setattr(engine, "_run_pipeline", run_out_of_memory)
         failed = client.post("/generate", json=small_request())

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from app.lora import file_facts as file_facts_module
 from app.lora import registry as registry_module
+from app.lora.file_facts import LoraFileFacts
 from app.lora.registry import (
     LORA_DIR_README,
     InvalidLoraId,
@@ -247,20 +249,21 @@ def test_root_given_through_a_symlink(tmp_path: Path):
 
 def test_sha256_is_cached_until_the_file_is_replaced(reg: LoraRegistry, root: Path, monkeypatch):
     calls = []
-    real_hash = registry_module._hash_file
+    real_hash = file_facts_module._hash_file
 
     def counting_hash(path):
         calls.append(path)
         return real_hash(path)
 
-    monkeypatch.setattr(registry_module, "_hash_file", counting_hash)
+    monkeypatch.setattr(file_facts_module, "_hash_file", counting_hash)
+    facts = LoraFileFacts(max_file_bytes=1024 * 1024)
     path = write_lora(root / "acme" / "v1" / "style.safetensors")
 
     first = reg.resolve("acme")
-    first_hash = reg.sha256(first)
+    first_hash = facts.sha256(first)
     assert first_hash == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert reg.sha256(first) == first_hash
-    assert reg.sha256(reg.resolve("acme")) == first_hash
+    assert facts.sha256(first) == first_hash
+    assert facts.sha256(reg.resolve("acme")) == first_hash
     assert len(calls) == 1
 
     # Replace the file the way an upload should: write elsewhere, then rename over it.
@@ -268,10 +271,10 @@ def test_sha256_is_cached_until_the_file_is_replaced(reg: LoraRegistry, root: Pa
     os.replace(replacement, path)
     second = reg.resolve("acme")
     assert second.fingerprint != first.fingerprint
-    second_hash = reg.sha256(second)
+    second_hash = facts.sha256(second)
     assert second_hash == hashlib.sha256(path.read_bytes()).hexdigest() != first_hash
     assert len(calls) == 2
-    assert reg.sha256(second) == second_hash
+    assert facts.sha256(second) == second_hash
     assert len(calls) == 2
 
 
@@ -333,9 +336,9 @@ def test_ensure_root_writes_readme_once(tmp_path: Path):
     reg = LoraRegistry(tmp_path / "new" / "loras")
     reg.ensure_root()
     readme = tmp_path / "new" / "loras" / "README.md"
-    assert readme.read_text() == LORA_DIR_README
+    assert readme.read_text() == LORA_DIR_README.read_text()
     for words in ("style.safetensors", "lora.safetensors", "metadata.json", "trigger_words", "v10"):
-        assert words in LORA_DIR_README
+        assert words in readme.read_text()
 
     readme.write_text("edited by the operator")
     reg.ensure_root()

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from app.config import Settings
-from app.lora import manager as manager_module
+from app.lora import file_facts as file_facts_module
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 from app.main import create_app
 
@@ -186,7 +186,7 @@ def test_bad_file_falls_back_with_a_warning_and_is_shown_invalid(
 
     assert not marker.exists(), "unpickling code ran"
     assert state.loras.loads == loads_before
-    assert brand not in state.engine.resident_adapters()
+    assert brand not in state.loras.resident_adapters()
     assert_good_brand_served(client)
 
 
@@ -208,8 +208,8 @@ def test_bad_file_is_not_read_again_until_it_changes_then_the_fix_is_applied(
     path.parent.mkdir()
     path.write_bytes(good_bytes[:100])
     reads = []
-    real_read = manager_module.read_lora_header
-    monkeypatch.setattr(manager_module, "read_lora_header", lambda *a: reads.append(a) or real_read(*a))
+    real_read = file_facts_module.read_lora_header
+    monkeypatch.setattr(file_facts_module, "read_lora_header", lambda *a: reads.append(a) or real_read(*a))
 
     first = client.post("/generate", json={**REQUEST, "brand_id": "fixme"})
     assert first.status_code == 200 and first.json()["loras"] == []

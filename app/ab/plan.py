@@ -11,8 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.lora.manager import LoraSpec
-from app.service import InvalidRequest
+from app.errors import InvalidRequest, check_unique
+from app.jobs import LoraSpec
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,6 @@ class AbPlan:
     rows: int  # the contact sheet's layout: a grid for a 2-D sweep, one row otherwise
     cols: int
 
-    @property
-    def image_count(self) -> int:
-        return len(self.variants) * len(self.seeds)
-
     def union(self) -> list[LoraSpec]:
         """Every distinct (brand, version) the variants use, in first-use order (weights are irrelevant)."""
         seen: dict[tuple[str, str | None], LoraSpec] = {}
@@ -63,7 +59,7 @@ class AbPlan:
 
 
 def plan_grid(axes: Sequence[GridAxis], seeds: list[int], max_variants: int) -> AbPlan:
-    _check_unique([(a.brand_id, a.version) for a in axes], "grid")
+    check_unique([LoraSpec(a.brand_id, version=a.version) for a in axes], "grid")
     for axis in axes:
         repeated = sorted({w for w in axis.weights if axis.weights.count(w) > 1})
         if repeated:
@@ -93,17 +89,9 @@ def plan_variants(variants: Sequence[Sequence[LoraSpec]], seeds: list[int], max_
         )
     _check_images(len(variants), seeds, max_variants)
     for i, loras in enumerate(variants):
-        _check_unique([(s.brand_id, s.version) for s in loras], f"variants[{i}]")
+        check_unique(loras, f"variants[{i}]")
     planned = [Variant(i, tuple(loras)) for i, loras in enumerate(variants)]
     return AbPlan(planned, seeds, 1, len(planned))
-
-
-def _check_unique(keys: list[tuple[str, str | None]], field: str) -> None:
-    seen = set()
-    for brand_id, version in keys:
-        if (brand_id, version) in seen:
-            raise InvalidRequest(field, f"LoRA {brand_id!r} is listed twice; give each LoRA once")
-        seen.add((brand_id, version))
 
 
 def _check_images(variant_count: int, seeds: list[int], max_variants: int) -> None:

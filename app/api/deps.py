@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from app.ab.store import AbStore
 from app.config import Settings
+from app.errors import ServiceUnavailable
 from app.lora.catalog import LoraCatalog
 from app.lora.manager import LoraManager
 from app.lora.registry import LoraRegistry
@@ -21,11 +22,11 @@ def get_state(request: Request) -> AppState:
 
 
 def _require_ready(state: AppState) -> None:
-    if not state.ready:
-        detail = "the model is still loading; retry shortly"
-        if state.load_error:
-            detail = f"the model failed to load: {state.load_error}"
-        raise HTTPException(status_code=503, detail=detail, headers={"Retry-After": "5"})
+    """New work needs a loaded model and a service that is not shutting down (a stalled worker still
+    queues: /ready tells load balancers to go elsewhere)."""
+    reason = state.not_ready_reason()
+    if reason is not None and reason[0] != "stalled":
+        raise ServiceUnavailable(reason[1])
 
 
 def get_service(state: Annotated[AppState, Depends(get_state)]) -> GenerationService:
@@ -34,7 +35,9 @@ def get_service(state: Annotated[AppState, Depends(get_state)]) -> GenerationSer
 
 
 def get_loras(state: Annotated[AppState, Depends(get_state)]) -> LoraManager:
-    _require_ready(state)
+    """The LoRA manager, for operations: available while draining, not before the model is loaded."""
+    if state.loras is None:
+        raise ServiceUnavailable(state.not_ready_reason()[1])
     return state.loras
 
 

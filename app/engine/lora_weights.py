@@ -1,16 +1,15 @@
-"""Turn a LoRA file into low-rank factors for the layers of the loaded model, and merge them.
+"""Turn a LoRA file into low-rank factors for the layers of the loaded model.
 
 Reading uses diffusers' own state-dict conversion (kohya / PEFT / old diffusers key formats) and the
 same LoraConfig derivation `load_lora_weights` uses, so the per-layer scale is exactly diffusers'.
-Instead of injecting PEFT layers (which slow every denoising step), the engine merges
-`W = W0 + sum(weight * scale * up @ down)` into the weights, from a pristine copy of W0.
+Instead of injecting PEFT layers (which slow every denoising step), the factors are merged into the
+weights (app/engine/merge.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from diffusers.utils.peft_utils import _create_lora_config
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft.utils.other import get_pattern_key
 from torch import nn
+
+from app.lora.safetensors_header import FLOAT_DTYPES, LoraHeaderInfo
 
 COMPONENTS = ("unet", "text_encoder")
 
@@ -44,9 +45,6 @@ class LoraLayer:
     scale: float  # PEFT's scaling: lora_alpha / r (before the adapter weight)
     up_bias: torch.Tensor | None = None  # lora_B bias, when the LoRA trained one
 
-    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
-        return (self.up @ self.down).reshape(weight_shape) * self.scale
-
 
 @dataclass(frozen=True)
 class LoraWeights:
@@ -54,20 +52,12 @@ class LoraWeights:
 
     layers: tuple[LoraLayer, ...]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.up, layer.down))
 
-    @property
-    def components(self) -> set[str]:
-        return {layer.component for layer in self.layers}
-
-
-def read_lora_file(path: Path) -> list[LoraLayer]:
-    """Read a `.safetensors` LoRA into float32 CPU factors with diffusers' scales (no model needed)."""
+def read_lora_file(path: Path, header: LoraHeaderInfo) -> list[LoraLayer]:
+    """Read a `.safetensors` LoRA (whose header passed the gate) into float32 CPU factors with diffusers' scales."""
     # The file is read here (one read, tensors as views of it) and handed to diffusers as a dict, so
     # the key conversion is still diffusers' own; its per-tensor loader cost 10-30 ms per LoRA on CPU.
-    file_state, metadata = _read_safetensors(path)
+    file_state, metadata = _read_tensors(path, header)
     state_dict, network_alphas, _ = StableDiffusionPipeline.lora_state_dict(
         file_state, use_safetensors=True, return_lora_metadata=True
     )
@@ -104,38 +94,27 @@ def _finite(layer: LoraLayer) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 _LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts LoraConfig args
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(tensors, diffusers' LoRA adapter metadata) of a safetensors file, the way diffusers would read it.
+def _read_tensors(path: Path, header: LoraHeaderInfo) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, diffusers' LoRA adapter metadata) of a file whose header the gate parsed and checked.
 
     The file's bytes are read once; every tensor is a view into that buffer (which it keeps alive).
-    The header was already checked by the manager's header gate; a malformed one still raises here.
     """
     data = bytearray(Path(path).read_bytes())
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    start = 8 + header_len
-    file_meta = header.pop("__metadata__", None) or {}
+    if len(data) != header.size_bytes:
+        raise LoraIncompatibleError("the file changed while it was being loaded; try again")
     tensors = {}
-    for key, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise LoraIncompatibleError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        shape = info["shape"]
-        if end == begin:
-            tensors[key] = torch.empty(shape, dtype=dtype)
+    for key, entry in header.tensors.items():
+        dtype = getattr(torch, FLOAT_DTYPES[entry.dtype][1])
+        if entry.end == entry.begin:
+            tensors[key] = torch.empty(entry.shape, dtype=dtype)
         else:
-            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-            tensors[key] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
-    raw = file_meta.get(_LORA_ADAPTER_METADATA_KEY)
+            count = (entry.end - entry.begin) // FLOAT_DTYPES[entry.dtype][0]
+            offset = header.data_start + entry.begin
+            tensors[key] = torch.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(entry.shape)
+    raw = header.header_metadata.get(_LORA_ADAPTER_METADATA_KEY)
     return tensors, (json.loads(raw) if raw else None)
 
 

@@ -1,7 +1,8 @@
 """A plain, thread-safe LRU of resident adapters, with stats. It knows nothing of torch.
 
-Removing an entry (eviction, invalidation, clear) calls back into the owner of the weights, outside
-the cache's lock, so the owner may take its own locks.
+Pinned entries (the preloaded brands) are never evicted or cleared and do not count against
+`max_size`: the LRU's capacity is for the adapters traffic brings in. A removed entry's weights are
+freed when the last job holding them finishes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ V = TypeVar("V")
 class CacheStats:
     enabled: bool
     max_size: int
-    size: int
+    size: int  # every resident entry, pinned included
     cached: list[str]  # least recently used first
+    pinned: list[str]  # never evicted, not counted against max_size
     hits: int
     misses: int
     evictions: int
@@ -31,13 +33,13 @@ class CacheStats:
 
 
 class LoraCache(Generic[V]):
-    def __init__(self, max_size: int, on_remove: Callable[[str, V], None], enabled: bool = True):
+    def __init__(self, max_size: int, enabled: bool = True):
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self.max_size = max_size
         self.enabled = enabled
-        self._on_remove = on_remove
         self._entries: OrderedDict[str, V] = OrderedDict()
+        self._pinned: set[str] = set()
         self._lock = threading.Lock()
         self._hits = self._misses = self._evictions = 0
 
@@ -53,19 +55,17 @@ class LoraCache(Generic[V]):
         return self._get(key, valid, count=False)
 
     def _get(self, key: str, valid: Callable[[V], bool] | None, count: bool) -> V | None:
-        stale = None
         with self._lock:
             value = self._entries.get(key)
             if value is not None and valid is not None and not valid(value):
-                stale, value = self._entries.pop(key), None
+                self._entries.pop(key)  # the file changed: the new one is loaded (and stays pinned if it was)
+                value = None
             if count:
                 if value is None:
                     self._misses += 1
                 else:
                     self._entries.move_to_end(key)
                     self._hits += 1
-        if stale is not None:
-            self._notify([(key, stale)])
         return value
 
     def record_miss(self) -> None:
@@ -74,38 +74,39 @@ class LoraCache(Generic[V]):
             self._misses += 1
 
     def put(self, key: str, value: V) -> list[str]:
-        """Insert or replace an entry; returns the keys evicted to make room."""
-        removed: list[tuple[str, V]] = []
+        """Insert or replace an entry; returns the keys evicted to make room (least recently used, unpinned)."""
         evicted: list[str] = []
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None and old is not value:
-                removed.append((key, old))
+            self._entries.pop(key, None)
             self._entries[key] = value
-            while len(self._entries) > self.max_size:
-                victim, victim_value = self._entries.popitem(last=False)
+            unpinned = [k for k in self._entries if k not in self._pinned]
+            for victim in unpinned[: max(0, len(unpinned) - self.max_size)]:
+                del self._entries[victim]
                 self._evictions += 1
                 evicted.append(victim)
-                removed.append((victim, victim_value))
-        self._notify(removed)
         return evicted
 
-    def remove(self, key: str) -> bool:
-        """Drop one entry (invalidation, not an eviction). Harmless when absent."""
+    def pin(self, key: str) -> bool:
+        """Keep an entry resident for good (it stops counting against max_size). False when absent."""
         with self._lock:
-            value = self._entries.pop(key, None)
-        if value is None:
-            return False
-        self._notify([(key, value)])
-        return True
+            if key not in self._entries:
+                return False
+            self._pinned.add(key)
+            return True
+
+    def remove(self, key: str) -> bool:
+        """Drop one entry, pinned or not (its file is gone or was replaced). Harmless when absent."""
+        with self._lock:
+            self._pinned.discard(key)
+            return self._entries.pop(key, None) is not None
 
     def clear(self) -> int:
-        """Drop every entry; counters keep counting and clearing is not an eviction."""
+        """Drop every unpinned entry; counters keep counting and clearing is not an eviction."""
         with self._lock:
-            removed = list(self._entries.items())
-            self._entries.clear()
-        self._notify(removed)
-        return len(removed)
+            cleared = [k for k in self._entries if k not in self._pinned]
+            for key in cleared:
+                del self._entries[key]
+        return len(cleared)
 
     def keys(self) -> list[str]:
         with self._lock:
@@ -127,12 +128,9 @@ class LoraCache(Generic[V]):
                 max_size=self.max_size,
                 size=len(self._entries),
                 cached=list(self._entries),
+                pinned=sorted(self._pinned & self._entries.keys()),
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
                 hit_rate=self._hits / looked_up if looked_up else 0.0,
             )
-
-    def _notify(self, removed: list[tuple[str, V]]) -> None:
-        for key, value in removed:
-            self._on_remove(key, value)

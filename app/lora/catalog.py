@@ -1,46 +1,24 @@
 """What operators see of the LoRA folder: the list and each LoRA's metadata and file facts.
 
-Joins the registry (files, versions, metadata.json, sha256), the header gate (format, rank, alpha,
-targets; read without loading tensors, cached per file fingerprint) and the manager (cached or
-invalid). No torch here.
+Joins the registry (files, versions, metadata.json), the file facts (sha256 and the header gate's
+format, rank, alpha, targets, read without loading tensors, once per file fingerprint) and the
+manager (resident or not). No torch here.
 """
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
-from app.lora.inspect import InvalidLoraFile, LoraHeaderInfo, read_lora_header
+from app.errors import LoraNotFound
+from app.lora.file_facts import LoraFileFacts
 from app.lora.registry import LoraFile, LoraRegistry, UnsafeLoraPath
 
 # Metadata fields shown in the list's short summary (the full metadata is on the metadata endpoint).
 SUMMARY_FIELDS = ("type", "base_model", "training_steps", "version_notes", "trigger_words")
 
 
-class LoraNotFound(LookupError):
-    pass
-
-
 class LoraCatalog:
-    def __init__(self, registry: LoraRegistry, max_file_mb: int):
+    def __init__(self, registry: LoraRegistry, facts: LoraFileFacts):
         self.registry = registry
-        self.max_file_bytes = max_file_mb * 1024 * 1024
-        self._headers: dict[Path, tuple[tuple[int, int, int], LoraHeaderInfo | None, str | None]] = {}
-        self._lock = threading.Lock()
-
-    def header(self, lora_file: LoraFile) -> tuple[LoraHeaderInfo | None, str | None]:
-        """(facts, None) or (None, why the file is refused); re-read only when the file changed."""
-        with self._lock:
-            cached = self._headers.get(lora_file.path)
-        if cached is not None and cached[0] == lora_file.fingerprint:
-            return cached[1], cached[2]
-        try:
-            info, error = read_lora_header(lora_file.path, self.max_file_bytes), None
-        except (InvalidLoraFile, OSError) as exc:
-            info, error = None, str(exc)
-        with self._lock:
-            self._headers[lora_file.path] = (lora_file.fingerprint, info, error)
-        return info, error
+        self.facts = facts
 
     def list(self, manager=None, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
         """One entry per brand (sorted by id), a page of them, and the total number of brands."""
@@ -95,12 +73,12 @@ class LoraCatalog:
         }
 
     def file_facts(self, lora_file: LoraFile, manager=None) -> dict:
-        info, header_error = self.header(lora_file)
-        load_error = manager.invalid_reason(lora_file) if manager is not None else None
+        info, header_error = self.facts.header(lora_file)
+        load_error = self.facts.invalid_reason(lora_file)
         facts = {
             "path": str(lora_file.path.relative_to(self.registry.root)),
             "size_bytes": lora_file.size_bytes,
-            "sha256": self.registry.sha256(lora_file),
+            "sha256": self.facts.sha256(lora_file),
             "format": None,
             "rank": None,
             "alpha": None,

@@ -1,8 +1,10 @@
-"""Joins what is on disk (registry), what is resident (cache) and the engine that applies it.
+"""Joins what is on disk (registry), what is known of each file (facts), what is resident (cache) and
+the engine that reads LoRA files into device factors. No torch here: the engine does the reading.
 
-`acquire` turns a request's LoRA list into adapters ready for the engine: a cache hit reads no file;
-a miss checks the file's header, loads it outside the generation lock, and caches it. A file that
-changed on disk since it was cached is reloaded; one that failed to load fails fast until it changes.
+`acquire` turns a request's LoRA list into adapters ready for a job, keyed by what the request named:
+a cache hit reads no file; a miss passes the header gate, is read outside the generation lock, and is
+cached. A file that changed on disk since it was cached is reloaded; one that failed to load fails
+fast until it changes. Preloaded brands are pinned: never evicted, outside the LRU's capacity.
 """
 
 from __future__ import annotations
@@ -11,81 +13,85 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from app.engine.lora_weights import LoraWeights
-from app.engine.pipeline import ActiveAdapter
+from app.errors import DuplicateLora, LoraUnavailable
+from app.jobs import ActiveAdapter, AppliedLora, LoraSpec
 from app.lora.cache import CacheStats, LoraCache
-from app.lora.inspect import read_lora_header
+from app.lora.file_facts import LoraFileFacts
 from app.lora.registry import DEFAULT_VERSION, LoraFile, LoraRegistry
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA a request asks for."""
-
-    brand_id: str
-    weight: float = 0.8
-    version: str | None = None
-    type: str | None = None
-
-
-@dataclass(frozen=True)
-class AppliedLora:
-    brand_id: str
-    version: str
-    weight: float
-    type: str | None
-    file: str  # relative to the LoRA root
-    sha256: str
-
-
-@dataclass(frozen=True)
 class ResidentLora:
-    """A cache entry: the weights and the exact file they came from."""
+    """A cache entry: the engine's factors and the exact file they came from."""
 
     file: LoraFile
-    weights: LoraWeights
+    weights: object
     sha256: str
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What one LoRA of a request became: an adapter with its applied record, or the warning why not."""
+
+    adapter: ActiveAdapter | None = None
+    applied: AppliedLora | None = None
+    warning: str | None = None
 
 
 @dataclass
 class AcquiredLoras:
-    adapters: list[ActiveAdapter] = field(default_factory=list)
-    applied: list[AppliedLora] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    load_ms: float = 0.0
-    loaded_keys: list[str] = field(default_factory=list)  # loaded by this request (cache disabled: dropped after)
+    """A request's LoRAs, keyed by what it named (brand, version); the files stay loaded while held."""
 
+    specs: list[LoraSpec] = field(default_factory=list)
+    resolved: dict[tuple[str, str | None], Resolution] = field(default_factory=dict)
+    load_ms: float = 0.0  # reading files on cache misses, for the whole acquisition
+    _load_ms_reported: bool = False
 
-class LoraUnavailable(Exception):
-    """A requested LoRA could not be applied and the request asked for strict handling."""
+    def take_load_ms(self) -> float:
+        """`load_ms` the first time (the first image reports it), 0 after."""
+        reported, self._load_ms_reported = self._load_ms_reported, True
+        return 0.0 if reported else self.load_ms
 
-    def __init__(self, brand_id: str, reason: str):
-        super().__init__(f"LoRA {brand_id!r} cannot be applied: {reason}")
-        self.brand_id = brand_id
-        self.reason = reason
+    def select(self, specs: Sequence[LoraSpec]) -> tuple[list[ActiveAdapter], list[AppliedLora], list[str]]:
+        """The adapters, applied records and warnings for `specs` (a subset, at their own weights and labels).
 
+        An A/B test acquires the union of its variants once and selects each variant from it.
+        """
+        adapters, applied, warnings = [], [], []
+        for spec in specs:
+            found = self.resolved[spec.ref]
+            if found.adapter is None:
+                warnings.append(found.warning)
+                continue
+            adapters.append(replace(found.adapter, weight=spec.weight))
+            applied.append(replace(found.applied, weight=spec.weight, type=spec.type))
+        return adapters, applied, warnings
 
-class DuplicateLora(ValueError):
-    """Two entries of one request resolve to the same file (e.g. a brand's latest and that version by name)."""
+    @property
+    def adapters(self) -> list[ActiveAdapter]:
+        return self.select(self.specs)[0]
 
-    def __init__(self, brand_id: str, version: str):
-        super().__init__(f"LoRA {brand_id!r} version {version!r} is listed twice; give each LoRA once")
-        self.brand_id, self.version = brand_id, version
+    @property
+    def applied(self) -> list[AppliedLora]:
+        return self.select(self.specs)[1]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.select(self.specs)[2]
 
 
 class LoraManager:
-    def __init__(self, registry: LoraRegistry, engine, cache_enabled: bool, cache_max_size: int, max_file_mb: int):
+    def __init__(
+        self, registry: LoraRegistry, facts: LoraFileFacts, engine, cache_enabled: bool, cache_max_size: int
+    ):
         self.registry = registry
+        self.facts = facts
         self.engine = engine
-        self.cache: LoraCache[ResidentLora] = LoraCache(
-            cache_max_size, on_remove=lambda key, _entry: engine.remove_adapter(key), enabled=cache_enabled
-        )
-        self.max_file_bytes = max_file_mb * 1024 * 1024
-        self._invalid: dict[str, tuple[tuple[int, int, int], str]] = {}  # key -> (fingerprint, reason)
+        self.cache: LoraCache[ResidentLora] = LoraCache(cache_max_size, enabled=cache_enabled)
         self._key_locks: dict[str, threading.Lock] = {}
         self._key_locks_guard = threading.Lock()
         self.loads = 0
@@ -94,53 +100,42 @@ class LoraManager:
     # ---- the request path ----------------------------------------------------------------------
 
     def acquire(self, specs: Sequence[LoraSpec], strict: bool = False) -> AcquiredLoras:
-        result = AcquiredLoras()
-        seen: set[str] = set()
+        result = AcquiredLoras(specs=list(specs))
+        files: set[str] = set()
         for spec in specs:
             lora_file = self.registry.resolve(spec.brand_id, spec.version)
+            if lora_file is not None and lora_file.key in files:
+                raise DuplicateLora(spec.brand_id, lora_file.version)  # e.g. the latest and that version by name
+            result.resolved[spec.ref] = self._resolve(spec, lora_file, strict, result)
             if lora_file is not None:
-                if lora_file.key in seen:
-                    raise DuplicateLora(spec.brand_id, lora_file.version)
-                seen.add(lora_file.key)
-            if lora_file is None:
-                self.cache.record_miss()
-                self._forget_deleted(spec)
-                what = f"brand_id: {spec.brand_id}" + (f" (version {spec.version})" if spec.version else "")
-                logger.warning("[LORA] LoRA not found for %s", what)
-                if strict:
-                    raise LoraUnavailable(spec.brand_id, self._not_found_reason(spec))
-                result.warnings.append(f"LoRA not found for {what}; {self._not_found_reason(spec)}")
-                continue
-            try:
-                entry, load_ms = self._resident(lora_file, count=True)
-            except LoraUnavailable as exc:
-                if strict:
-                    raise
-                result.warnings.append(
-                    f"LoRA {spec.brand_id!r} was not applied ({exc.reason}); base model used instead"
-                )
-                continue
-            if load_ms:
-                result.load_ms += load_ms
-                result.loaded_keys.append(lora_file.key)
-            result.adapters.append(ActiveAdapter(lora_file.key, entry.weights, spec.weight))
-            result.applied.append(
-                AppliedLora(
-                    brand_id=spec.brand_id,
-                    version=lora_file.version,
-                    weight=spec.weight,
-                    type=spec.type,
-                    file=str(lora_file.path.relative_to(self.registry.root)),
-                    sha256=entry.sha256,
-                )
-            )
+                files.add(lora_file.key)
         return result
 
-    def release(self, acquired: AcquiredLoras) -> None:
-        """With the cache disabled, adapters loaded for one request are dropped after it."""
-        if not self.cache.enabled:
-            for key in acquired.loaded_keys:
-                self.engine.remove_adapter(key)
+    def _resolve(self, spec: LoraSpec, lora_file: LoraFile | None, strict: bool, result: AcquiredLoras) -> Resolution:
+        if lora_file is None:
+            self.cache.record_miss()
+            self._forget_deleted(spec)
+            what = f"brand_id: {spec.brand_id}" + (f" (version {spec.version})" if spec.version else "")
+            logger.warning("[LORA] LoRA not found for %s", what)
+            if strict:
+                raise LoraUnavailable(spec.brand_id, self._not_found_reason(spec))
+            return Resolution(warning=f"LoRA not found for {what}; {self._not_found_reason(spec)}")
+        try:
+            entry, load_ms = self._resident(lora_file, count=True)
+        except LoraUnavailable as exc:
+            if strict:
+                raise
+            return Resolution(warning=f"LoRA {spec.brand_id!r} was not applied ({exc.reason}); base model used instead")
+        result.load_ms += load_ms
+        applied = AppliedLora(
+            brand_id=spec.brand_id,
+            version=lora_file.version,
+            weight=spec.weight,
+            type=spec.type,
+            file=str(lora_file.path.relative_to(self.registry.root)),
+            sha256=entry.sha256,
+        )
+        return Resolution(ActiveAdapter(lora_file.key, entry.weights, spec.weight), applied)
 
     def _forget_deleted(self, spec: LoraSpec) -> None:
         """Drop cached entries of a LoRA whose file is gone, so its weights do not stay resident."""
@@ -172,30 +167,30 @@ class LoraManager:
                 return entry, 0.0
             start = time.perf_counter()
             entry = self._load(lora_file)
-            elapsed = time.perf_counter() - start
             if self.cache.enabled:
                 self.cache.put(key, entry)
-            return entry, elapsed * 1000
+            return entry, (time.perf_counter() - start) * 1000
 
     def _load(self, lora_file: LoraFile) -> ResidentLora:
-        key = lora_file.key
-        known = self._invalid.get(key)
-        if known is not None and known[0] == lora_file.fingerprint:
-            raise LoraUnavailable(lora_file.brand_id, known[1])
+        known = self.facts.invalid_reason(lora_file)
+        if known is not None:
+            raise LoraUnavailable(lora_file.brand_id, known)
+        header, header_error = self.facts.header(lora_file)  # the gate: bad files never reach a loader
+        if header_error is not None:
+            logger.warning("[LORA] %s is invalid: %s", lora_file.path, header_error)
+            raise LoraUnavailable(lora_file.brand_id, header_error)
         try:
-            read_lora_header(lora_file.path, self.max_file_bytes)  # refuse bad files before any loader sees them
             start = time.perf_counter()
-            weights = self.engine.load_adapter(key, lora_file.path)
+            weights = self.engine.load_adapter(lora_file.path, header)
             self.load_seconds += time.perf_counter() - start
             self.loads += 1
         except Exception as exc:  # a broken upload must never take the service down
             reason = _describe(exc)
-            self._invalid[key] = (lora_file.fingerprint, reason)
+            self.facts.mark_invalid(lora_file, reason)
             logger.warning("[LORA] %s is invalid: %s", lora_file.path, reason)
             raise LoraUnavailable(lora_file.brand_id, reason) from exc
-        self._invalid.pop(key, None)
-        logger.info("[LORA] loaded %s (%d layers)", key, len(weights.layers))
-        return ResidentLora(file=lora_file, weights=weights, sha256=self.registry.sha256(lora_file))
+        logger.info("[LORA] loaded %s (%d layers)", lora_file.key, len(weights.layers))
+        return ResidentLora(file=lora_file, weights=weights, sha256=self.facts.sha256(lora_file))
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._key_locks_guard:
@@ -204,7 +199,7 @@ class LoraManager:
     # ---- operations ----------------------------------------------------------------------------
 
     def preload(self, brand_ids: Iterable[str]) -> dict[str, str | None]:
-        """Load brands at start-up (no hits or misses). Returns brand -> error (None when loaded)."""
+        """Load brands at start-up and pin them (no hits or misses). Returns brand -> error (None when loaded)."""
         outcome: dict[str, str | None] = {}
         for brand_id in brand_ids:
             try:
@@ -212,28 +207,26 @@ class LoraManager:
                 if lora_file is None:
                     raise LoraUnavailable(brand_id, "no LoRA file for this brand")
                 self._resident(lora_file, count=False)
+                self.cache.pin(lora_file.key)
                 outcome[brand_id] = None
-                logger.info("[LORA] preloaded %s", lora_file.key)
+                logger.info("[LORA] preloaded and pinned %s", lora_file.key)
             except Exception as exc:
                 outcome[brand_id] = _describe(exc)
                 logger.warning("[LORA] preload of %r failed: %s", brand_id, outcome[brand_id])
         return outcome
 
-    def invalid_reason(self, lora_file: LoraFile) -> str | None:
-        """Why this exact file failed to load, if it did (None when it loaded or was never tried)."""
-        known = self._invalid.get(lora_file.key)
-        return known[1] if known is not None and known[0] == lora_file.fingerprint else None
-
-    def invalid_count(self) -> int:
-        return len(self._invalid)
-
     def clear_cache(self) -> int:
+        """Drop every unpinned adapter and put the base weights back (the merged set held the last ones)."""
         cleared = self.cache.clear()
         self.engine.restore_base()
         return cleared
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()
+
+    def resident_adapters(self) -> list[str]:
+        """Keys of the adapters held resident (what requests can use without reading a file)."""
+        return self.cache.keys()
 
     def is_cached(self, lora_file: LoraFile) -> bool:
         entry = self.cache.peek(lora_file.key)

@@ -7,13 +7,14 @@ inside the LoRA root, so a client-supplied name can never reach another file.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^v(\d+)$", re.ASCII)  # ASCII: "\d" would also match other scripts' digits
@@ -26,75 +27,9 @@ LORA_SUFFIX = ".safetensors"
 UNSUPPORTED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 METADATA_NAME = "metadata.json"
 METADATA_MAX_BYTES = 1024 * 1024  # a metadata file is a few hundred bytes; refuse to read a huge one
-HASH_CHUNK_BYTES = 1024 * 1024
 
-LORA_DIR_README = """\
-# LoRA folder
-
-One folder per brand. The folder name is the `brand_id` used in API requests: letters, digits,
-`_`, `.` and `-`, starting with a letter or digit, at most 64 characters, no `..`.
-
-## Versions
-
-A brand folder holds either version folders `v1`, `v2`, `v3`, ... (the highest number is the
-latest, so `v10` comes after `v9`), or the LoRA file directly (then the brand has a single version
-called `default`). When both exist, the version folders win. A version folder without a LoRA file
-is ignored, so an upload in progress never becomes the latest version.
-
-## File names
-
-Inside a version folder (or the brand folder) the LoRA file is looked up in this order:
-
-1. `style.safetensors`
-2. `lora.safetensors`
-3. `{brand_id}.safetensors`
-4. otherwise the only other `*.safetensors` file, if there is exactly one
-
-Only `.safetensors` files are loaded. `.ckpt`, `.bin`, `.pt`, `.pth` and `.pkl` files are pickles
-that can run code when opened: they are listed as unsupported and never loaded. Convert them to
-safetensors first.
-
-## metadata.json (optional)
-
-Put `metadata.json` beside the LoRA file (in the version folder); a `metadata.json` in the brand
-folder is used for versions that have none. It must be a JSON object. Known fields:
-
-- `training_steps` (int), `learning_rate` (float), `dataset_size` (int)
-- `base_model` (str), e.g. `"runwayml/stable-diffusion-v1-5"`
-- `version_notes` (str), `type` (str, e.g. `"style"` or `"character"`)
-- `trigger_words` (list of str)
-
-Any other fields are kept and returned as they are.
-
-## Example
-
-```
-loras/
-  acme/
-    metadata.json          # used by versions without their own
-    v1/
-      style.safetensors
-    v2/
-      style.safetensors
-      metadata.json
-  globex/
-    globex.safetensors     # single version "default"
-```
-
-`loras/acme/v2/metadata.json`:
-
-```json
-{
-  "training_steps": 2000,
-  "learning_rate": 0.0001,
-  "dataset_size": 40,
-  "base_model": "runwayml/stable-diffusion-v1-5",
-  "version_notes": "brighter palette, new logo colours",
-  "type": "style",
-  "trigger_words": ["acme style"]
-}
-```
-"""
+# The README written into a new LoRA folder: the one text of the folder layout, shipped with the package.
+LORA_DIR_README = Path(__file__).with_name("LORA_FOLDER_README.md")
 
 
 class InvalidLoraId(ValueError):
@@ -151,31 +86,22 @@ class LoraFile:
         return self.brand_id if self.version == DEFAULT_VERSION else f"{self.brand_id}@{self.version}"
 
 
-def _hash_file(path: Path) -> tuple[str, tuple[int, int, int]]:
-    """sha256 of the file and the fingerprint of the bytes actually read (taken from the open fd)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest(), (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 class LoraRegistry:
     def __init__(self, root: Path | str):
         self.root = Path(os.path.realpath(root))
         self._root_str = str(self.root)
-        self._hash_lock = threading.Lock()
-        # resolved path -> (fingerprint, sha256); one entry per file, so replacements don't pile up.
-        self._hashes: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     # -- layout ---------------------------------------------------------------------------------
 
     def ensure_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the LoRA folder with its README when it can; a read-only mount is served as it is."""
         readme = self.root / "README.md"
-        if not readme.exists():
-            readme.write_text(LORA_DIR_README, encoding="utf-8")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not readme.exists():
+                readme.write_text(LORA_DIR_README.read_text(encoding="utf-8"), encoding="utf-8")
+        except OSError as exc:
+            logger.warning("the LoRA folder %s is not writable (%s); serving it as it is", self.root, exc.strerror)
 
     def brand_ids(self) -> list[str]:
         try:
@@ -254,22 +180,6 @@ class LoraRegistry:
         return sorted(names)
 
     # -- file facts -----------------------------------------------------------------------------
-
-    def sha256(self, lora_file: LoraFile) -> str:
-        """sha256 of the bytes now at lora_file.path, re-read only when the fingerprint changed.
-
-        If the file was replaced after `resolve`, this is the new file's hash (and it is cached under
-        the new file's fingerprint); resolve again to get a matching LoraFile.
-        """
-        with self._hash_lock:
-            cached = self._hashes.get(lora_file.path)
-        if cached is not None and cached[0] == lora_file.fingerprint:
-            return cached[1]
-        # Hash outside the lock: a big file must not block lookups of other files.
-        digest, fingerprint = _hash_file(lora_file.path)
-        with self._hash_lock:
-            self._hashes[lora_file.path] = (fingerprint, digest)
-        return digest
 
     def metadata(self, lora_file: LoraFile) -> tuple[dict | None, str | None]:
         """(metadata, error); a missing file is (None, None); a broken one never raises."""

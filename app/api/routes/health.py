@@ -42,10 +42,15 @@ def health() -> dict:
 
 @router.get("/ready")
 def ready(state: StateDep):
-    """200 once the model is loaded and preloading is done; 503 before (or if loading failed)."""
-    if state.ready:
+    """200 when the service takes traffic: the model is loaded, preloading is done, it is not draining
+    for shutdown and the generation worker is making progress. 503 otherwise, with the reason."""
+    reason = state.not_ready_reason()
+    if reason is None:
         return {"status": "ready", "preload": state.preload}
-    body = {"status": "failed" if state.load_error else "loading"}
-    if state.load_error:
+    status, why = reason
+    body = {"status": status}
+    if status == "failed":
         body["error"] = state.load_error
+    elif status != "loading":
+        body["detail"] = why
     return JSONResponse(status_code=503, content=body, headers={"Retry-After": "5"})

@@ -12,11 +12,12 @@ import math
 import os
 import struct
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # F8 variants are refused: no SD 1.5 LoRA uses them
-DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# The dtypes a LoRA tensor may have: safetensors name -> (bytes per element, torch dtype name).
+# Integer and F8 tensors are refused: no SD 1.5 LoRA uses them. The engine maps names through this table.
+FLOAT_DTYPES = {"F16": (2, "float16"), "BF16": (2, "bfloat16"), "F32": (4, "float32"), "F64": (8, "float64")}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MIB = 1024 * 1024
 
@@ -43,6 +44,14 @@ class InvalidLoraFile(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # a key of FLOAT_DTYPES
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the data buffer (after the header)
+    end: int
+
+
+@dataclass(frozen=True)
 class LoraHeaderInfo:
     format: str  # "kohya", "peft", "diffusers" or "unknown"
     rank: int | None  # most common rank among down/A matrices
@@ -55,9 +64,8 @@ class LoraHeaderInfo:
     tensor_count: int
     size_bytes: int
     header_metadata: dict[str, str]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    data_start: int  # where the tensors' data begins in the file
+    tensors: dict[str, TensorEntry]
 
 
 def read_lora_header(path: Path, max_bytes: int) -> LoraHeaderInfo:
@@ -126,6 +134,8 @@ def read_lora_header(path: Path, max_bytes: int) -> LoraHeaderInfo:
         tensor_count=len(tensors),
         size_bytes=size,
         header_metadata=dict(metadata),
+        data_start=data_start,
+        tensors={name: TensorEntry(dtype, tuple(shape), *offsets) for name, (dtype, shape, offsets) in tensors.items()},
     )
 
 
@@ -176,7 +186,7 @@ def _check_entry(name: str, entry: object) -> tuple[str, list[int], tuple[int, i
     begin, end = offsets
     if end < begin:
         raise InvalidLoraFile(f"tensor {name} has data_offsets [{begin}, {end}] that run backwards")
-    needed = _element_count(shape) * DTYPE_SIZES[dtype]
+    needed = _element_count(shape) * FLOAT_DTYPES[dtype][0]
     if end - begin != needed:
         raise InvalidLoraFile(
             f"tensor {name} has shape {shape} and dtype {dtype}, which needs {needed} bytes, "

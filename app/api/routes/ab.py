@@ -13,8 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.ab.contact_sheet import render_contact_sheet
 from app.ab.plan import AbPlan, GridAxis, plan_grid, plan_variants
-from app.ab.runner import AbOutcome, VariantImage, run_ab_test
-from app.ab.schemas import (
+from app.ab.runner import AbOutcome, run_ab_test
+from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
+from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
+from app.api.schemas import (
     AbChoicePublic,
     AbChoiceRequest,
     AbImagePublic,
@@ -24,14 +26,13 @@ from app.ab.schemas import (
     AbTestResponse,
     AbTestTimings,
     AbVariantPublic,
+    AppliedLoraPublic,
+    LoraConfig,
+    Timings,
 )
-from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
-from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
-from app.api.routes.generate import generation_spec
-from app.api.schemas import AppliedLoraPublic, LoraConfig, Timings
-from app.lora.manager import LoraSpec
+from app.errors import InvalidRequest
 from app.lora.registry import ID_PATTERN
-from app.service import InvalidRequest, draw_seed, encode_png
+from app.service import draw_seed, encode_png, round_ms
 
 router = APIRouter(tags=["ab-test"])
 
@@ -49,7 +50,7 @@ async def run_test(
     service.check_limits(
         body.width, body.height, body.num_inference_steps, max(len(v.loras) for v in plan.variants)
     )
-    spec = generation_spec(body, seeds[0])
+    spec = body.spec(seeds[0])
     outcome = await run_ab_test(service, plan, spec, strict=body.strict, disconnected=request.is_disconnected)
     sheet = await run_in_threadpool(_contact_sheet_png, plan, outcome)
     record = _record(uuid.uuid4().hex, body, plan, outcome)
@@ -101,7 +102,7 @@ def _plan(body: AbTestRequest, seeds: list[int], max_variants: int) -> AbPlan:
     if body.grid is not None:
         axes = [GridAxis(a.brand_id, tuple(a.weights), a.version, a.type) for a in body.grid]
         return plan_grid(axes, seeds, max_variants)
-    variants = [[LoraSpec(c.brand_id, c.weight, c.version, c.type) for c in v.lora_configs] for v in body.variants]
+    variants = [[c.to_spec() for c in v.lora_configs] for v in body.variants]
     return plan_variants(variants, seeds, max_variants)
 
 
@@ -133,15 +134,6 @@ def _record(test_id: str, body: AbTestRequest, plan: AbPlan, outcome: AbOutcome)
     return AbTestRecord(test_id, now_iso(), body.prompt, settings, variants)
 
 
-def _timings(image: VariantImage) -> Timings:
-    return Timings(
-        queue_ms=round(image.queue_ms, 2),
-        lora_ms=round(image.lora_ms, 2),
-        generation_ms=round(image.generation_ms, 2),
-        total_ms=round(image.total_ms, 2),
-    )
-
-
 def _public(test_id: str, body: AbTestRequest, plan: AbPlan, outcome: AbOutcome, sheet: bytes) -> AbTestResponse:
     b64 = lambda png: base64.b64encode(png).decode("ascii")  # noqa: E731
     variants = []
@@ -156,9 +148,11 @@ def _public(test_id: str, body: AbTestRequest, plan: AbPlan, outcome: AbOutcome,
                 loras=[AppliedLoraPublic(**vars(applied)) for applied in v.applied],
                 seed=first.seed,
                 image=b64(first.png),
-                timings=_timings(first),
+                timings=Timings(**first.timings()),
                 warnings=v.warnings,
-                extra_images=[AbImagePublic(seed=i.seed, image=b64(i.png), timings=_timings(i)) for i in rest],
+                extra_images=[
+                    AbImagePublic(seed=i.seed, image=b64(i.png), timings=Timings(**i.timings())) for i in rest
+                ],
             )
         )
         warnings += [w for w in v.warnings if w not in warnings]
@@ -172,7 +166,7 @@ def _public(test_id: str, body: AbTestRequest, plan: AbPlan, outcome: AbOutcome,
         variants=variants,
         contact_sheet=b64(sheet),
         warnings=warnings,
-        timings=AbTestTimings(lora_load_ms=round(outcome.lora_load_ms, 2), total_ms=round(outcome.total_ms, 2)),
+        timings=AbTestTimings(lora_load_ms=round_ms(outcome.lora_load_ms), total_ms=round_ms(outcome.total_ms)),
     )
 
 

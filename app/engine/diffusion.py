@@ -1,0 +1,113 @@
+"""The only owner of the diffusers pipeline: executes generation jobs, one at a time.
+
+One pipeline, one generation at a time (the pipeline and its scheduler hold state). Before a job
+runs, its LoRA set is merged into the weights (app/engine/merge.py); LoRA files are read into device
+factors outside the generation lock, so a cache miss never stalls the image being generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from app.config import Settings
+from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
+from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
+from app.engine.merge import AdapterMerger
+from app.errors import GenerationOutOfMemory
+from app.jobs import GenerationJob, GenerationSpec, JobResult
+from app.lora.safetensors_header import LoraHeaderInfo, read_lora_header
+
+logger = logging.getLogger(__name__)
+
+CLIP_MAX_TOKENS = 77
+
+
+class DiffusionEngine:
+    def __init__(self, settings: Settings):
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.pipe, self.model_path = load_pipeline(settings, self.device, self.dtype)
+        # A compiled UNet wraps the real one (`_orig_mod`); LoRA layer names refer to the real one.
+        unet = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)
+        self._targets = adaptable_modules({"unet": unet, "text_encoder": self.pipe.text_encoder})
+        self.merger = AdapterMerger(self._targets)
+        self._lock = threading.Lock()
+
+    def load_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
+        """Read a LoRA file into factors on the device; no lock needed (a load never stalls a generation).
+
+        `header` is the safety gate's result when the caller already ran it (the LoRA manager does);
+        without it the gate runs here.
+        """
+        if header is None:
+            header = read_lora_header(path, max_bytes=Path(path).stat().st_size)
+        return fit_layers(read_lora_file(path, header), self._targets, self.device, self.dtype)
+
+    def generate(
+        self, job: GenerationJob, output_type: str = "pil", on_step: Callable[[], None] | None = None
+    ) -> JobResult:
+        """Generate one image; `output_type="np"` gives the float image in 0..1 (for exact comparisons).
+
+        `on_step` is called after every denoising step (the queue's watchdog counts it as progress).
+        """
+        with self._lock:
+            # Inside the lock: the fast tokenizer's truncation setting is shared state the pipeline also sets.
+            warnings = self._prompt_warnings(job.spec)
+            t0 = time.perf_counter()
+            self.merger.activate(job.adapters)
+            t1 = time.perf_counter()
+            try:
+                image = self._run_pipeline(job.spec, output_type, on_step)
+            except torch.OutOfMemoryError as exc:
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                raise GenerationOutOfMemory(str(exc).splitlines()[0]) from exc
+            t2 = time.perf_counter()
+        return JobResult(image, (t1 - t0) * 1000, (t2 - t1) * 1000, warnings)
+
+    def restore_base(self) -> None:
+        """Put the pristine base weights back (used when the adapter cache is cleared)."""
+        with self._lock:
+            self.merger.restore_base()
+
+    def _run_pipeline(self, spec: GenerationSpec, output_type: str, on_step: Callable[[], None] | None):
+        # The generator lives on the CPU so that a seed gives the same image on every device.
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+
+        def step_done(_pipe, _step, _timestep, tensors):
+            if on_step is not None:
+                on_step()
+            return tensors
+
+        with torch.inference_mode():
+            return self.pipe(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.num_inference_steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generator,
+                output_type=output_type,
+                callback_on_step_end=step_done,
+            ).images[0]
+
+    def _prompt_warnings(self, spec: GenerationSpec) -> list[str]:
+        warnings = []
+        for field_name in ("prompt", "negative_prompt"):
+            text = getattr(spec, field_name)
+            if text:
+                n = len(self.pipe.tokenizer(text, truncation=False).input_ids)
+                if n > CLIP_MAX_TOKENS:
+                    warnings.append(
+                        f"{field_name} is {n} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest is ignored"
+                    )
+        return warnings

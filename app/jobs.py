@@ -1,0 +1,85 @@
+"""The value types of one request's path, from the HTTP layer to the engine. No torch here.
+
+Every entry point (`/generate`, an A/B variant, and later other APIs or a remote replica) turns its
+request into the same `GenerationJob`: the image settings plus the resolved LoRA set. The queue holds
+jobs and the engine executes them. The adapter weights a job carries are opaque here (the engine's
+tensors); what crosses a process boundary is the spec and the set's keys, never the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """The settings of one image (what the pipeline is called with)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA a request asks for: a brand, its weight, optionally a version and a free label."""
+
+    brand_id: str
+    weight: float = 0.8
+    version: str | None = None
+    type: str | None = None
+
+    @property
+    def ref(self) -> tuple[str, str | None]:
+        """What a request names: (brand, version or None for the latest). Weights do not matter here."""
+        return (self.brand_id, self.version)
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA as it was applied, for the response: the exact file and its hash."""
+
+    brand_id: str
+    version: str
+    weight: float
+    type: str | None
+    file: str  # relative to the LoRA root
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    """One adapter of a job's set: its cache key (`brand` or `brand@v2`), weights and the weight to apply."""
+
+    key: str
+    weights: Any  # the engine's resident factors; opaque outside the engine
+    weight: float
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One image to generate: the settings and the LoRA set, resolved and held for the job's lifetime."""
+
+    spec: GenerationSpec
+    adapters: tuple[ActiveAdapter, ...] = ()
+
+    @property
+    def lora_set_key(self) -> str:
+        """The canonical name of the set the image needs: sorted keys of non-zero adapters, no weights.
+
+        Weight-0 adapters change nothing (W + 0 * delta is W), so they are not part of the set.
+        """
+        return "+".join(sorted(a.key for a in self.adapters if a.weight != 0.0))
+
+
+@dataclass
+class JobResult:
+    image: Any  # PIL.Image.Image, or a float array for output_type="np"
+    lora_ms: float  # switching adapters (merging the set into the weights)
+    generation_ms: float
+    warnings: list[str] = field(default_factory=list)
