@@ -1,5 +1,6 @@
-"""Golden images: the sha256 of a handful of PNGs (base, one LoRA, three composed, an A/B grid and its
-contact sheet), recorded before a refactor that must not change a single bit.
+"""Golden images: the sha256 of the pixels of a handful of PNGs (base, one LoRA, three composed, an A/B
+grid and its contact sheet), recorded before a refactor that must not change a single bit. Pixels, not
+file bytes: the PNG's text chunk (the settings, as infotext) is metadata, not the image.
 
 Float results depend on the CPU's kernels and the library versions, so hashes are kept per machine
 fingerprint. Where this machine has none recorded, the test is skipped and says how to record them:
@@ -9,12 +10,14 @@ fingerprint. Where this machine has none recorded, the test is skipped and says 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app.demo import write_demo_loras
 from tests.conftest import png_bytes, small_request
@@ -39,8 +42,10 @@ def machine_fingerprint() -> str:
     )  # fmt: skip
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def sha(png: bytes) -> str:
+    """sha256 of the decoded pixels (mode and size included)."""
+    image = Image.open(io.BytesIO(png))
+    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
