@@ -55,6 +55,7 @@ def test_scripted_sequence_gives_exact_stats(make_client, lora_root, three_brand
             "max_size": 2,
             "size": 2,
             "cached": ["c", "b"],
+            "pinned": [],
             "hits": 1,
             "misses": 5,
             "evictions": 2,

@@ -132,6 +132,9 @@ class CacheStatsPublic(BaseModel):
     max_size: int
     size: int
     cached: list[str] = Field(description="cached LoRAs as brand@version, least recently used first")
+    pinned: list[str] = Field(
+        description="preloaded LoRAs (LORA_PRELOAD_BRANDS): never evicted, not counted against max_size"
+    )
     hits: int
     misses: int
     evictions: int
