@@ -23,6 +23,10 @@ class GenerationSpec:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    scheduler: str = "pndm"  # a name of app/samplers.py; a fresh instance per generation
+    # The prompt as the client sent it, <lora:...> tags included, for the PNG infotext; `prompt` (what
+    # the text encoder reads) has the tags removed. None: the same as `prompt`.
+    prompt_as_sent: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.lora.uploads import is_upload
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # What the request path reports for the access line: brands applied and per-image timings.
 request_images_var: contextvars.ContextVar[list | None] = contextvars.ContextVar("request_images", default=None)
@@ -195,8 +197,8 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or is_upload(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)  # uploads are bounded by LORA_MAX_FILE_MB instead
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)

@@ -14,10 +14,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import InvalidRequest
+from app.infotext import PNG_TEXT_KEY, build_infotext
 from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
 from app.lora.manager import AcquiredLoras, LoraManager
 from app.observability import record_image
@@ -110,7 +112,8 @@ class GenerationService:
         result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters)), disconnected)
         if self.metrics is not None:
             self.metrics.generation_seconds.observe(result.generation_ms / 1000)
-        png = await run_in_threadpool(encode_png, result.image)
+        infotext = generation_infotext(spec, applied, self.settings.model_id)
+        png = await run_in_threadpool(encode_png, result.image, infotext)
         brands = [a.key for a in adapters if a.weight != 0.0]
         record_image(brands, queue_ms, load_ms + result.lora_ms, result.generation_ms)
         return GenerationOutcome(
@@ -137,7 +140,29 @@ def draw_seed() -> int:
     return secrets.randbelow(2**32)
 
 
-def encode_png(image) -> bytes:
+def generation_infotext(spec: GenerationSpec, applied: list[AppliedLora], model_id: str) -> str:
+    """The PNG's `parameters` text (AUTOMATIC1111's layout, see app/infotext.py)."""
+    return build_infotext(
+        prompt=spec.prompt_as_sent if spec.prompt_as_sent is not None else spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        steps=spec.num_inference_steps,
+        scheduler=spec.scheduler,
+        guidance_scale=spec.guidance_scale,
+        seed=spec.seed,
+        width=spec.width,
+        height=spec.height,
+        model_id=model_id,
+        # A LoRA at weight 0 leaves the pixels as the base model's, so it is not listed (same PNG as base).
+        loras=[(a.brand_id, a.sha256) for a in applied if a.weight != 0.0],
+    )
+
+
+def encode_png(image, infotext: str | None = None) -> bytes:
+    """PNG bytes; `infotext` goes into a `parameters` text chunk (the pixel data is the same)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    pnginfo = None
+    if infotext is not None:
+        pnginfo = PngInfo()
+        pnginfo.add_text(PNG_TEXT_KEY, infotext)
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
     return buffer.getvalue()

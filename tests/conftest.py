@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import base64
 import hashlib
 import io
+import re
 import signal
 import socket
 import subprocess
@@ -252,6 +253,7 @@ def expected_png(engine) -> Callable[..., bytes]:
 
     Results are memoised by the file's sha256, so files with the same bytes share one rendering.
     """
+    from app.infotext import build_infotext
     from app.jobs import ActiveAdapter
     from app.service import encode_png
 
@@ -259,16 +261,28 @@ def expected_png(engine) -> Callable[..., bytes]:
 
     def expected(lora_path: Path | None = None, weight: float = 0.8, seed: int = 7) -> bytes:
         digest = sha256_of(lora_path) if lora_path is not None else None
-        key = (digest, weight if digest else None, seed)
+        brand = lora_brand(lora_path) if lora_path is not None else None
+        key = (digest, brand, weight if digest else None, seed)
         if key not in rendered:
             adapters = []
             if lora_path is not None:
-                name = f"expected-{digest[:16]}"
-                adapters = [ActiveAdapter(name, engine.load_adapter(Path(lora_path)), weight)]
-            rendered[key] = encode_png(render(engine, spec(seed), adapters, output_type="pil"))
+                adapters = [ActiveAdapter(f"expected-{digest[:16]}", engine.load_adapter(Path(lora_path)), weight)]
+            # The service writes A1111's infotext into every PNG (MODEL_ID=tiny, the model's own PNDM).
+            infotext = build_infotext(
+                prompt=PROMPT, negative_prompt=None, steps=STEPS, scheduler="pndm", guidance_scale=GUIDANCE,
+                seed=seed, width=SIZE, height=SIZE, model_id="tiny",
+                loras=[(brand, digest)] if digest and weight != 0.0 else [],
+            )  # fmt: skip
+            rendered[key] = encode_png(render(engine, spec(seed), adapters, output_type="pil"), infotext)
         return rendered[key]
 
     return expected
+
+
+def lora_brand(path: Path) -> str:
+    """The brand of `<root>/<brand>/[vN/]file.safetensors` (for the infotext's Lora hashes)."""
+    parent = Path(path).parent
+    return parent.parent.name if re.fullmatch(r"v\d+", parent.name) else parent.name
 
 
 # ---- the app -------------------------------------------------------------------------------------

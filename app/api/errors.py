@@ -1,12 +1,15 @@
-"""Every error of the request path and the HTTP answer it gets: one table.
+"""Every error of the request path and the HTTP answer it gets: one table, two shapes.
 
-Replies are JSON that always encodes (a lone surrogate or a NaN from the client must not turn a 422
-into a 500), in FastAPI's own 422 shape for field errors, so clients parse one format.
+The service's own endpoints answer in FastAPI's shape (`{"detail": [{"loc", "msg", "type"}]}` for a
+field, `{"detail": "..."}` otherwise); the OpenAI-compatible endpoint renders the same answers in
+OpenAI's `{"error": {...}}` shape. Replies always encode: a lone surrogate or a NaN from the client
+must not turn a 422 into a 500.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,45 +26,65 @@ from app.errors import (
     ServiceUnavailable,
 )
 from app.lora.registry import InvalidLoraId, UnsafeLoraPath
+from app.lora.uploads import UploadRefused
 
-RETRY_AFTER_S = "5"
-
-
-def _field_error(field: str, message: str, kind: str = "value_error") -> dict:
-    return {"detail": [{"loc": ["body", field], "msg": message, "type": kind}]}
+RETRY_AFTER = {"Retry-After": "5"}
 
 
-# exception type -> (status, body, headers); the first matching entry answers (subclasses first).
-ERROR_TABLE: list[tuple[type[Exception], object]] = [
-    (InvalidRequest, lambda e: (422, _field_error(e.field, str(e)), None)),
-    (InvalidLoraId, lambda e: (422, _field_error(e.field, str(e)), None)),
-    (UnsafeLoraPath, lambda e: (422, _field_error("brand_id", str(e)), None)),
-    (LoraUnavailable, lambda e: (422, _field_error("brand_id", str(e), "lora_unavailable"), None)),
-    (LoraNotFound, lambda e: (404, {"detail": str(e)}, None)),
-    (QueueFull, lambda e: (429, {"detail": f"the service is busy: {e}"}, {"Retry-After": str(e.retry_after_s)})),
-    (QueueTimeout, lambda e: (503, {"detail": str(e)}, {"Retry-After": RETRY_AFTER_S})),
-    (ServiceUnavailable, lambda e: (503, {"detail": str(e)}, {"Retry-After": RETRY_AFTER_S})),
-    (ClientGone, lambda e: (499, {"detail": "the client closed the connection"}, None)),
-    (
-        GenerationOutOfMemory,
-        lambda e: (503, {"detail": f"the GPU ran out of memory for this request ({e}); try a smaller size"},
-                   {"Retry-After": RETRY_AFTER_S}),
+@dataclass(frozen=True)
+class ErrorAnswer:
+    status: int
+    message: str
+    field: str | None = None  # the request field at fault, for a 422
+    kind: str = "value_error"
+    headers: dict | None = None
+
+
+# exception type -> its answer; looked up along the exception's class hierarchy.
+ERROR_TABLE: dict[type[Exception], object] = {
+    InvalidRequest: lambda e: ErrorAnswer(422, str(e), e.field),
+    InvalidLoraId: lambda e: ErrorAnswer(422, str(e), e.field),
+    UnsafeLoraPath: lambda e: ErrorAnswer(422, str(e), "brand_id"),
+    LoraUnavailable: lambda e: ErrorAnswer(422, str(e), "brand_id", "lora_unavailable"),
+    UploadRefused: lambda e: ErrorAnswer(e.status, str(e), e.field if e.status == 422 else None),
+    LoraNotFound: lambda e: ErrorAnswer(404, str(e)),
+    QueueFull: lambda e: ErrorAnswer(
+        429, f"the service is busy: {e}", kind="rate_limit", headers={"Retry-After": str(e.retry_after_s)}
     ),
-]  # fmt: skip
+    QueueTimeout: lambda e: ErrorAnswer(503, str(e), kind="timeout", headers=RETRY_AFTER),
+    ServiceUnavailable: lambda e: ErrorAnswer(503, str(e), kind="unavailable", headers=RETRY_AFTER),
+    ClientGone: lambda e: ErrorAnswer(499, "the client closed the connection"),
+    GenerationOutOfMemory: lambda e: ErrorAnswer(
+        503, f"the GPU ran out of memory for this request ({e}); try a smaller size", kind="unavailable",
+        headers=RETRY_AFTER,
+    ),
+}  # fmt: skip
+
+
+def answer_for(exc: Exception) -> ErrorAnswer | None:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls](exc)
+    return None
+
+
+def detail_response(answer: ErrorAnswer) -> JSONResponse:
+    """The service's own shape."""
+    if answer.status == 422 and answer.field is not None:
+        content = {"detail": [{"loc": ["body", answer.field], "msg": answer.message, "type": answer.kind}]}
+    else:
+        content = {"detail": answer.message}
+    return JSONResponse(status_code=answer.status, content=content, headers=answer.headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type, answer in ERROR_TABLE:
-        app.add_exception_handler(exc_type, _handler(answer))
+    for exc_type in ERROR_TABLE:
+        app.add_exception_handler(exc_type, _answer)
 
 
-def _handler(answer):
-    async def handle(_: Request, exc: Exception) -> JSONResponse:
-        status, body, headers = answer(exc)
-        return JSONResponse(status_code=status, content=body, headers=headers)
-
-    return handle
+async def _answer(_: Request, exc: Exception) -> JSONResponse:
+    return detail_response(answer_for(exc))
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,12 +5,14 @@ Requests turn into the request path's value types here (`to_spec`, `spec`), once
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.api.prompt_loras import parse_prompt
 from app.jobs import GenerationSpec, LoraSpec
 from app.lora.registry import ID_PATTERN
+from app.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 
 def _no_dot_dot(value: str) -> str:
@@ -62,11 +64,16 @@ class GenerationSettings(StrictModel):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="0..4294967295; drawn at random (and returned) when absent"
     )
+    scheduler: Literal[SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
+        DEFAULT_SCHEDULER, description="sampler: " + ", ".join(SCHEDULER_NAMES) + " (pndm = the model's own)"
+    )
 
     def spec(self, seed: int) -> GenerationSpec:
-        """The engine's settings for one image of this request, with `seed`."""
+        """The engine's settings for one image of this request, with `seed` (<lora:...> tags taken out)."""
         return GenerationSpec(
-            prompt=self.prompt,
+            prompt=parse_prompt(self.prompt)[0],
+            prompt_as_sent=self.prompt,
+            scheduler=self.scheduler,
             negative_prompt=self.negative_prompt,
             width=self.width,
             height=self.height,

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
+from app.lora.uploads import UPLOAD_PATH, VERSION_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 # The A/B page is static HTML with no data in it; the API calls it makes carry the key.
 PUBLIC_PAGES = frozenset({"/ui"})
 ADMIN_ROUTES = frozenset({("POST", "/lora/cache/clear")})
+# admin routes with path parameters, matched by method + pattern (uploads and removal).
+ADMIN_ROUTE_PATTERNS = (("POST", UPLOAD_PATH), ("DELETE", VERSION_PATH))
 
 
 def _matches(given: str | None, expected) -> bool:
@@ -48,6 +51,8 @@ class AuthMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         denied = self._check(scope["method"], scope["path"], _bearer(scope))
+        if denied is not None and scope["path"].startswith("/v1/"):
+            denied = _openai_deny(denied)
         if denied is not None:
             return await denied(scope, receive, send)
         await self.app(scope, receive, send)
@@ -56,7 +61,7 @@ class AuthMiddleware:
         if path in OPEN_PATHS or path in PUBLIC_PAGES:
             return None
         is_admin = _matches(token, self.admin_key)
-        if (method, path) in ADMIN_ROUTES and self.admin_key is not None:
+        if _is_admin_route(method, path) and self.admin_key is not None:
             if is_admin:
                 return None
             if _matches(token, self.user_key):
@@ -71,3 +76,19 @@ class AuthMiddleware:
 
 def _deny(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message}, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _is_admin_route(method: str, path: str) -> bool:
+    """the fixed admin routes plus those with path parameters."""
+    return (method, path) in ADMIN_ROUTES or any(
+        method == m and pattern.fullmatch(path) for m, pattern in ADMIN_ROUTE_PATTERNS
+    )
+
+
+def _openai_deny(denied: JSONResponse) -> JSONResponse:
+    """the same refusal in OpenAI's shape, for /v1/ (OpenAI clients raise AuthenticationError)."""
+    import json
+
+    message = json.loads(denied.body)["detail"]
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    return JSONResponse(status_code=denied.status_code, content=body, headers={"WWW-Authenticate": "Bearer"})

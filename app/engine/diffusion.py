@@ -19,6 +19,7 @@ from app.config import Settings
 from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
 from app.engine.merge import AdapterMerger
+from app.engine.schedulers import make_scheduler
 from app.errors import GenerationOutOfMemory
 from app.jobs import GenerationJob, GenerationSpec, JobResult
 from app.lora.safetensors_header import LoraHeaderInfo, read_lora_header
@@ -40,6 +41,9 @@ class DiffusionEngine:
         self._targets = adaptable_modules({"unet": unet, "text_encoder": self.pipe.text_encoder})
         self.merger = AdapterMerger(self._targets)
         self._lock = threading.Lock()
+        # Each generation gets its own scheduler (they hold per-run state), built from the model's own.
+        self._scheduler_class = type(self.pipe.scheduler)
+        self._scheduler_config = self.pipe.scheduler.config
 
     def load_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
         """Read a LoRA file into factors on the device; no lock needed (a load never stalls a generation).
@@ -81,6 +85,8 @@ class DiffusionEngine:
     def _run_pipeline(self, spec: GenerationSpec, output_type: str, on_step: Callable[[], None] | None):
         # The generator lives on the CPU so that a seed gives the same image on every device.
         generator = torch.Generator("cpu").manual_seed(spec.seed)
+        # A new scheduler for this call only (the generation lock is held here).
+        self.pipe.scheduler = make_scheduler(spec.scheduler, self._scheduler_class, self._scheduler_config)
 
         def step_done(_pipe, _step, _timestep, tensors):
             if on_step is not None:

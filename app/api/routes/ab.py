@@ -16,6 +16,7 @@ from app.ab.plan import AbPlan, GridAxis, plan_grid, plan_variants
 from app.ab.runner import AbOutcome, run_ab_test
 from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
 from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
+from app.api.prompt_loras import plan_with_tags
 from app.api.schemas import (
     AbChoicePublic,
     AbChoiceRequest,
@@ -46,7 +47,7 @@ async def run_test(
     body: AbTestRequest, service: ServiceDep, settings: SettingsDep, store: AbStoreDep, request: Request
 ) -> AbTestResponse:
     seeds = body.seeds or [body.seed if body.seed is not None else draw_seed()]
-    plan = _plan(body, seeds, settings.ab_max_variants)
+    plan = plan_with_tags(_plan(body, seeds, settings.ab_max_variants), body.prompt)  # prompt tags in every variant
     service.check_limits(
         body.width, body.height, body.num_inference_steps, max(len(v.loras) for v in plan.variants)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServiceDep
+from app.api.prompt_loras import check_tag_duplicates
 from app.api.schemas import AppliedLoraPublic, GenerateRequest, GenerateResponse, Timings
 from app.errors import InvalidRequest, check_unique
 from app.jobs import LoraSpec
@@ -23,7 +24,7 @@ def lora_specs(body: GenerateRequest) -> list[LoraSpec]:
     elif body.version is not None:
         raise InvalidRequest("version", "version needs brand_id")
     check_unique(specs, fields=fields)
-    return specs
+    return specs + check_tag_duplicates(body.prompt, specs)  # <lora:NAME:WEIGHT> tags in the prompt
 
 
 @router.post("/generate", response_model=GenerateResponse)

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app import SERVICE_NAME, __version__
 from app.api.deps import StateDep
+from app.samplers import SCHEDULER_NAMES
 
 router = APIRouter(tags=["service"])
 
@@ -30,6 +31,7 @@ def service_info(state: StateDep) -> dict:
             "max_size": s.lora_cache_max_size,
             "preload_brands": s.preload_brands,
         },
+        "schedulers": list(SCHEDULER_NAMES),
         "docs": "/docs",
     }
 
