@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -27,6 +28,8 @@ UNSUPPORTED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 METADATA_NAME = "metadata.json"
 METADATA_MAX_BYTES = 1024 * 1024  # a metadata file is a few hundred bytes; refuse to read a huge one
 HASH_CHUNK_BYTES = 1024 * 1024
+
+logger = logging.getLogger(__name__)
 
 LORA_DIR_README = """\
 # LoRA folder
@@ -172,10 +175,17 @@ class LoraRegistry:
     # -- layout ---------------------------------------------------------------------------------
 
     def ensure_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the LoRA folder and its README where possible; never fails (e.g. a read-only mount)."""
         readme = self.root / "README.md"
-        if not readme.exists():
-            readme.write_text(LORA_DIR_README, encoding="utf-8")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not readme.exists():
+                readme.write_text(LORA_DIR_README, encoding="utf-8")
+        except OSError as exc:
+            if self.root.is_dir():
+                logger.warning("LoRA folder %s is not writable (%s): its README.md was not written", self.root, exc)
+            else:
+                logger.warning("LoRA folder %s does not exist and could not be created (%s): no LoRAs", self.root, exc)
 
     def brand_ids(self) -> list[str]:
         try:
