@@ -344,3 +344,23 @@ def test_ensure_root_writes_readme_once(tmp_path: Path):
     reg.ensure_root()
     assert readme.read_text() == "edited by the operator"
     assert reg.brand_ids() == []
+
+
+def test_ensure_root_tolerates_a_read_only_folder(tmp_path: Path, monkeypatch):
+    """A read-only mount (docker -v ...:ro): start-up warns and goes on, and the LoRAs are still found."""
+    root = tmp_path / "loras"
+    write_lora(root / "acme" / "style.safetensors")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    warnings = []
+    monkeypatch.setattr(registry_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    reg = LoraRegistry(root)
+    reg.ensure_root()
+    LoraRegistry(tmp_path / "missing").ensure_root()
+    assert not (root / "README.md").exists()
+    assert reg.brand_ids() == ["acme"]
+    assert "not writable" in warnings[0] and "could not be created" in warnings[1]

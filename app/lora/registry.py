@@ -94,14 +94,17 @@ class LoraRegistry:
     # -- layout ---------------------------------------------------------------------------------
 
     def ensure_root(self) -> None:
-        """Create the LoRA folder with its README when it can; a read-only mount is served as it is."""
+        """Create the LoRA folder and its README where possible; never fails (e.g. a read-only mount)."""
         readme = self.root / "README.md"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if not readme.exists():
                 readme.write_text(LORA_DIR_README.read_text(encoding="utf-8"), encoding="utf-8")
         except OSError as exc:
-            logger.warning("the LoRA folder %s is not writable (%s); serving it as it is", self.root, exc.strerror)
+            if self.root.is_dir():
+                logger.warning("LoRA folder %s is not writable (%s): its README.md was not written", self.root, exc)
+            else:
+                logger.warning("LoRA folder %s does not exist and could not be created (%s): no LoRAs", self.root, exc)
 
     def brand_ids(self) -> list[str]:
         try:
