@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     # LoRA files and the resident adapter cache
     lora_base_dir: Path = PROJECT_ROOT / "loras"
     lora_cache_enabled: bool = True
-    lora_cache_max_size: int = Field(5, ge=1, le=1000)
+    lora_cache_max_size: int = Field(5, ge=1, le=1000, description="adapters resident on the device (LRU)")
+    lora_host_cache_mb: int = Field(
+        2048, ge=0, description="host memory for adapters evicted from the device, kept converted; 0 = off"
+    )
     lora_preload_brands: str = Field("", description="comma-separated brand ids loaded at start-up")
     lora_max_per_request: int = Field(8, ge=1, le=64)
     lora_max_file_mb: int = Field(1024, ge=1)

@@ -120,6 +120,23 @@ class _StateCollector:
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], value)
             yield counter
+        host = manager.host_stats()
+        if host is not None:
+            for name, value, doc in (
+                ("lora_host_cache_hits", host["hits"], "LoRA misses on the device served from the host tier"),
+                ("lora_host_cache_misses", host["misses"], "LoRA misses on the device not in the host tier"),
+                ("lora_host_cache_evictions", host["evictions"], "Adapters dropped from the host tier"),
+            ):
+                counter = CounterMetricFamily(name, doc)
+                counter.add_metric([], value)
+                yield counter
+            for name, value, doc in (
+                ("lora_host_cache_bytes", host["used_mb"] * 2**20, "Host memory held by the host tier"),
+                ("lora_host_cache_adapters", host["size"], "Adapters in the host tier"),
+            ):
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], value)
+                yield gauge
         for name, value, doc in (
             ("lora_resident_adapters", len(manager.resident_adapters()), "Adapters resident on the device"),
             ("lora_cache_size", stats.size, "Entries in the LoRA cache"),

@@ -92,7 +92,10 @@ class AppState:
         s = self.settings
         try:
             engine = DiffusionEngine(s)
-            loras = LoraManager(self.registry, self.facts, engine, s.lora_cache_enabled, s.lora_cache_max_size)
+            loras = LoraManager(
+                self.registry, self.facts, engine, s.lora_cache_enabled, s.lora_cache_max_size,
+                s.lora_host_cache_mb * 2**20,
+            )  # fmt: skip
             self.preload = loras.preload(s.preload_brands)
             self.queue = self._new_queue(engine)
             self.engine, self.loras = engine, loras

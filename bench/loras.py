@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 
 
@@ -14,10 +16,11 @@ class LoraShape:
     key_format: str = "peft"  # "peft" or "kohya"
     feed_forward: bool = True  # attention only, or attention + feed-forward
     text_encoder: bool = True
+    dtype: str = "float16"  # what people ship (the factors are cast to the model's dtype on load)
 
     def describe(self) -> str:
         targets = "attn+ff" if self.feed_forward else "attn"
-        return f"rank {self.rank}, {self.key_format}, {targets}{', +TE' if self.text_encoder else ''}"
+        return f"rank {self.rank}, {self.key_format}, {targets}{', +TE' if self.text_encoder else ''}, {self.dtype}"
 
 
 def write_brands(root: Path, pipe, names: list[str], shape: LoraShape, seed: int = 0) -> list[str]:
@@ -28,6 +31,8 @@ def write_brands(root: Path, pipe, names: list[str], shape: LoraShape, seed: int
     for i, name in enumerate(names):
         path = Path(root) / name / "style.safetensors"
         if not path.is_file():
-            sd = random_lora_state_dict(layers, rank=shape.rank, key_format=shape.key_format, seed=seed + i)
+            sd = random_lora_state_dict(
+                layers, rank=shape.rank, key_format=shape.key_format, seed=seed + i, dtype=getattr(torch, shape.dtype)
+            )
             write_lora(path, sd)
     return names

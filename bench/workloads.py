@@ -75,10 +75,13 @@ class Row:
         return loras
 
 
+HOST_CACHE_BYTES = 2048 * 2**20  # the service's default LORA_HOST_CACHE_MB
+
+
 def new_manager(registry: LoraRegistry, engine: DiffusionEngine, cache_size: int) -> LoraManager:
-    """The service's LoRA manager over a benchmark folder (files up to 1 GiB, cache on)."""
+    """The service's LoRA manager over a benchmark folder (files up to 1 GiB, cache on, default host tier)."""
     facts = LoraFileFacts(max_file_bytes=2**30)
-    return LoraManager(registry, facts, engine, cache_enabled=True, cache_max_size=cache_size)
+    return LoraManager(registry, facts, engine, True, cache_size, HOST_CACHE_BYTES)
 
 
 def engine_request(engine: DiffusionEngine, manager: LoraManager, spec: GenerationSpec, loras) -> Sample:
@@ -248,7 +251,7 @@ def lora_operations(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, 
             lora_root,
             engine.pipe,
             brands,
-            LoraShape(rank, shape.key_format, shape.feed_forward, shape.text_encoder),
+            LoraShape(rank, shape.key_format, shape.feed_forward, shape.text_encoder, shape.dtype),
             seed=900 + rank,
         )
         times = []

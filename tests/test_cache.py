@@ -12,9 +12,9 @@ def make_cache(max_size: int = 2) -> LoraCache[str]:
 
 
 def load(cache: LoraCache[str], key: str) -> list[str]:
-    """What the manager does per request: look up, and put the loaded value on a miss. Returns evictions."""
+    """What the manager does per request: look up, and put the loaded value on a miss. Returns evicted keys."""
     if cache.lookup(key) is None:
-        return cache.put(key, f"weights-{key}")
+        return [k for k, _ in cache.put(key, f"weights-{key}")]
     return []
 
 
@@ -40,7 +40,7 @@ def test_a_hit_makes_the_entry_most_recently_used():
 
     evicted = cache.put("c", "weights-c")
 
-    assert evicted == ["b"]
+    assert evicted == [("b", "weights-b")]
     assert cache.keys() == ["a", "c"]
 
 
@@ -156,3 +156,21 @@ def test_clear_keeps_pinned_entries_and_remove_unpins():
 
     assert cache.remove("preloaded") is True  # its file is gone: nothing left to pin
     assert cache.stats().pinned == [] and cache.keys() == []
+
+
+# ---- capacity by weight (the host tier counts bytes) -------------------------------------------------
+
+
+def test_a_weighed_cache_evicts_by_total_weight_and_take_moves_an_entry_out():
+    cache: LoraCache[bytes] = LoraCache(10, weigh=len)
+    cache.put("a", b"x" * 4)
+    cache.put("b", b"x" * 4)
+
+    evicted = cache.put("c", b"x" * 5)  # 13 > 10: the least recently used goes
+
+    assert [k for k, _ in evicted] == ["a"] and cache.used() == 9
+    assert cache.take("b") == b"x" * 4 and "b" not in cache
+    assert cache.take("b") is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.evictions) == (1, 1, 1)
+    assert [k for k, _ in cache.put("huge", b"x" * 11)] == ["c", "huge"]  # larger than the whole cache

@@ -25,17 +25,17 @@ def app_state(client):
     return client.app.state.service_state
 
 
-def count_engine_loads(monkeypatch, client) -> list[str]:
-    """Record every file the app's engine reads, by wrapping its load_adapter."""
+def count_engine_reads(monkeypatch, client) -> list[str]:
+    """Record every LoRA file the app's engine reads (by brand folder), by wrapping its read_adapter."""
     engine = app_state(client).engine
     calls: list[str] = []
-    real = engine.load_adapter
+    real = engine.read_adapter
 
     def counting(path, header=None):
         calls.append(Path(path).parent.name)
         return real(path, header)
 
-    monkeypatch.setattr(engine, "load_adapter", counting)
+    monkeypatch.setattr(engine, "read_adapter", counting)
     return calls
 
 
@@ -45,7 +45,7 @@ def three_brands(lora_root, make_brand) -> dict:
 
 
 def test_scripted_sequence_gives_exact_stats(make_client, lora_root, three_brands):
-    with make_client(lora_root, lora_cache_max_size=2) as c:
+    with make_client(lora_root, lora_cache_max_size=2, lora_host_cache_mb=0) as c:
         for brand in ["a", "b", "a", "c", "b", None, "zzz"]:
             generate(c, **({"brand_id": brand} if brand else {}))
 
@@ -56,6 +56,7 @@ def test_scripted_sequence_gives_exact_stats(make_client, lora_root, three_brand
             "size": 2,
             "cached": ["c", "b"],
             "pinned": [],
+            "host": None,
             "hits": 1,
             "misses": 5,
             "evictions": 2,
@@ -92,7 +93,7 @@ def test_preload_loads_good_brands_and_survives_unknown_and_broken_ones(
         after_start = stats(c)
         assert (after_start["cached"], after_start["hits"], after_start["misses"]) == (["good"], 0, 0)
 
-        loads = count_engine_loads(monkeypatch, c)
+        loads = count_engine_reads(monkeypatch, c)
         body = generate(c, brand_id="good")
         assert png_bytes(body["image"]) == expected_png(good, 0.8)
         assert loads == []  # served from the preloaded entry
@@ -216,3 +217,34 @@ def test_disabled_cache_still_applies_loras_and_keeps_nothing(make_client, lora_
         assert (current["enabled"], current["size"], current["cached"]) == (False, 0, [])
         assert (current["hits"], current["misses"]) == (0, 3)
         assert app_state(c).loras.resident_adapters() == []
+
+
+def test_an_adapter_evicted_from_the_device_comes_back_from_the_host_tier(
+    make_client, lora_root, three_brands, monkeypatch, expected_png
+):
+    with make_client(lora_root, lora_cache_max_size=1, lora_host_cache_mb=64) as c:
+        loads = count_engine_reads(monkeypatch, c)
+        first = generate(c, brand_id="a")
+        generate(c, brand_id="b")  # a leaves the device, stays converted in the host tier
+        again = generate(c, brand_id="a")
+        body = c.get("/lora/cache/stats").json()
+        metrics = c.get("/metrics").text
+
+    assert loads == ["a", "b"]  # a was read from its file once
+    assert png_bytes(again["image"]) == png_bytes(first["image"]) == expected_png(three_brands["a"], 0.8)
+    assert body["cached"] == ["a"] and body["evictions"] == 2
+    host = body["host"]
+    assert host["cached"] == ["b"] and (host["hits"], host["misses"]) == (1, 2)  # device misses: a, b, then a
+    assert 0 < host["used_mb"] <= host["max_mb"] == 64
+    assert "lora_host_cache_hits_total 1.0" in metrics
+
+
+def test_without_a_host_budget_an_evicted_adapter_is_read_again(make_client, lora_root, three_brands, monkeypatch):
+    with make_client(lora_root, lora_cache_max_size=1, lora_host_cache_mb=0) as c:
+        loads = count_engine_reads(monkeypatch, c)
+        for brand in ["a", "b", "a"]:
+            generate(c, brand_id=brand)
+        body = c.get("/lora/cache/stats").json()
+
+    assert loads == ["a", "b", "a"]
+    assert body["host"] is None

@@ -98,7 +98,9 @@ def test_preloaded_brand_is_pinned_never_evicted_and_not_counted(make_client, lo
     assert stats["cached"] == ["acme", "c", "d"] and stats["size"] == 3 and stats["max_size"] == 2
     assert stats["evictions"] == 1  # b made room for d; acme did not count against the two places
     assert acme.status_code == 200 and state.loras.loads == loads_after_start + 3  # acme was not read again
-    assert cleared == {"cleared": 2} and after_clear["cached"] == ["acme"] and after_clear["pinned"] == ["acme"]
+    # Cleared: c and d from the device and b from the host tier; the pinned brand stays.
+    assert cleared == {"cleared": 3} and after_clear["cached"] == ["acme"] and after_clear["pinned"] == ["acme"]
+    assert after_clear["host"]["cached"] == []
 
 
 # ---- SIGTERM drains ----------------------------------------------------------------------------------

@@ -142,6 +142,20 @@ class CacheStatsPublic(BaseModel):
     pinned: list[str] = Field(
         description="preloaded LoRAs (LORA_PRELOAD_BRANDS): never evicted, not counted against max_size"
     )
+    host: HostCacheStatsPublic | None = Field(
+        None, description="the host-memory tier (LORA_HOST_CACHE_MB): adapters evicted from the device"
+    )
+    hits: int
+    misses: int
+    evictions: int
+    hit_rate: float
+
+
+class HostCacheStatsPublic(BaseModel):
+    max_mb: float
+    used_mb: float
+    size: int
+    cached: list[str] = Field(description="adapters kept converted in host memory, least recently used first")
     hits: int
     misses: int
     evictions: int

@@ -45,15 +45,26 @@ class DiffusionEngine:
         self._scheduler_class = type(self.pipe.scheduler)
         self._scheduler_config = self.pipe.scheduler.config
 
-    def load_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
-        """Read a LoRA file into factors on the device; no lock needed (a load never stalls a generation).
+    def read_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
+        """Read a LoRA file into factors in host memory, in the model's dtype (pinned when the model is
+        on a GPU). No lock needed: a load never stalls a generation.
 
         `header` is the safety gate's result when the caller already ran it (the LoRA manager does);
         without it the gate runs here.
         """
         if header is None:
             header = read_lora_header(path, max_bytes=Path(path).stat().st_size)
-        return fit_layers(read_lora_file(path, header), self._targets, self.device, self.dtype)
+        layers, sha256 = read_lora_file(path, header)
+        host = fit_layers(layers, self._targets, "cpu", self.dtype, sha256)
+        return host if self.device == "cpu" else host.pin_memory()
+
+    def to_device(self, host: LoraWeights) -> LoraWeights:
+        """The factors on the engine's device (the same object on a CPU engine: nothing is copied)."""
+        return host if self.device == "cpu" else host.to(self.device)
+
+    def load_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
+        """`read_adapter` then `to_device`: a LoRA file ready to merge."""
+        return self.to_device(self.read_adapter(path, header))
 
     def generate(
         self, job: GenerationJob, output_type: str = "pil", on_step: Callable[[], None] | None = None

@@ -8,9 +8,10 @@ weights (app/engine/merge.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,16 +49,51 @@ class LoraLayer:
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A LoRA's factors, on the engine's device, ready to be merged."""
+    """A LoRA's factors on one device, ready to be merged, and the sha256 of the file they came from."""
 
     layers: tuple[LoraLayer, ...]
+    sha256: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in _tensors(layer))
+
+    def pin_memory(self) -> LoraWeights:
+        """Page-locked host copies (a GPU copies from them without a staging copy)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device) -> LoraWeights:
+        """The same factors on `device` (host -> GPU copies from pinned memory run asynchronously)."""
+        return self._map(lambda t: t.to(device, non_blocking=t.is_pinned()))
+
+    def _map(self, fn) -> LoraWeights:
+        layers = tuple(
+            LoraLayer(x.component, x.module, fn(x.up), fn(x.down), x.scale, _maybe(fn, x.up_bias)) for x in self.layers
+        )
+        return LoraWeights(layers, self.sha256)
 
 
-def read_lora_file(path: Path, header: LoraHeaderInfo) -> list[LoraLayer]:
-    """Read a `.safetensors` LoRA (whose header passed the gate) into float32 CPU factors with diffusers' scales."""
+def _maybe(fn, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else fn(tensor)
+
+
+def _tensors(layer: LoraLayer) -> tuple[torch.Tensor, ...]:
+    return (layer.up, layer.down) if layer.up_bias is None else (layer.up, layer.down, layer.up_bias)
+
+
+def read_lora_file(path: Path, header: LoraHeaderInfo) -> tuple[list[LoraLayer], str]:
+    """Read a `.safetensors` LoRA (whose header passed the gate) into CPU factors with diffusers' scales.
+
+    Returns the layers (tensors in the file's dtype, views of the one buffer read) and the sha256 of
+    those bytes, hashed on another thread while the keys are converted (hashlib releases the GIL).
+    """
     # The file is read here (one read, tensors as views of it) and handed to diffusers as a dict, so
     # the key conversion is still diffusers' own; its per-tensor loader cost 10-30 ms per LoRA on CPU.
-    file_state, metadata = _read_tensors(path, header)
+    data = _read_bytes(path, header)
+    hashing = _WORKERS.submit(lambda: hashlib.sha256(data).hexdigest())
+    file_state, metadata = _tensors_of(data, header)
+    # NaN/inf in the file's own values, checked beside the key conversion (torch releases the GIL too).
+    checking = _WORKERS.submit(_first_not_finite, dict(file_state))  # diffusers pops keys as it converts
     state_dict, network_alphas, _ = StableDiffusionPipeline.lora_state_dict(
         file_state, use_safetensors=True, return_lora_metadata=True
     )
@@ -83,28 +119,50 @@ def read_lora_file(path: Path, header: LoraHeaderInfo) -> list[LoraLayer]:
         )
     if not layers:
         raise LoraIncompatibleError("no UNet or text-encoder LoRA layers found")
-    not_finite = next((f"{x.component}.{x.module}" for x in layers if not _finite(x)), None)
-    if not_finite is not None:
-        raise LoraIncompatibleError(f"layer {not_finite} holds NaN or infinite values")
-    return layers
+    bad = checking.result()
+    if bad is not None:
+        raise LoraIncompatibleError(f"tensor {bad} holds NaN or infinite values")
+    return layers, hashing.result()
 
 
-def _finite(layer: LoraLayer) -> bool:
-    tensors = (layer.up, layer.down) if layer.up_bias is None else (layer.up, layer.down, layer.up_bias)
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _first_not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of a tensor holding NaN or inf, or None.
+
+    The largest |value| of finite values is finite, and NaN propagates through `amax`: one fast
+    reduction per tensor (measured on 26M float32 values: 27 ms, against 160 ms for an `isfinite`
+    mask per tensor and 115 ms for `vector_norm(inf)`), with one host sync for all of them.
+    """
+    names = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    peaks = torch.stack([tensors[name].abs().amax().float() for name in names])
+    if bool(peaks.isfinite().all()):
+        return None
+    return names[int((~peaks.isfinite()).nonzero()[0])]
 
 
 _LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts LoraConfig args
 
 
-def _read_tensors(path: Path, header: LoraHeaderInfo) -> tuple[dict[str, torch.Tensor], dict | None]:
+# Hashing and value checks of a file being loaded run here, beside the key conversion.
+_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-read")
+
+
+def _read_bytes(path: Path, header: LoraHeaderInfo) -> bytearray:
+    """The file's bytes, read straight into one writable buffer (no second copy of tens of MB)."""
+    data = bytearray(header.size_bytes)
+    with open(path, "rb") as f:
+        read = f.readinto(data)
+        if read != header.size_bytes or f.read(1):
+            raise LoraIncompatibleError("the file changed while it was being loaded; try again")
+    return data
+
+
+def _tensors_of(data: bytearray, header: LoraHeaderInfo) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(tensors, diffusers' LoRA adapter metadata) of a file whose header the gate parsed and checked.
 
-    The file's bytes are read once; every tensor is a view into that buffer (which it keeps alive).
+    Every tensor is a view into the file's one buffer (which it keeps alive).
     """
-    data = bytearray(Path(path).read_bytes())
-    if len(data) != header.size_bytes:
-        raise LoraIncompatibleError("the file changed while it was being loaded; try again")
     tensors = {}
     for key, entry in header.tensors.items():
         dtype = getattr(torch, FLOAT_DTYPES[entry.dtype][1])
@@ -153,19 +211,20 @@ def _component_layers(component, state_dict, network_alphas, metadata) -> list[L
             LoraLayer(
                 component=component,
                 module=module,
-                up=up.detach().to(torch.float32).flatten(1),
-                down=down.detach().to(torch.float32).flatten(1),
+                up=up.detach().flatten(1),
+                down=down.detach().flatten(1),
                 scale=float(scale),
-                up_bias=None if bias is None else bias.detach().to(torch.float32),
+                up_bias=None if bias is None else bias.detach(),
             )
         )
     return layers
 
 
 def fit_layers(
-    layers: Iterable[LoraLayer], targets: dict[tuple[str, str], nn.Module], device, dtype
+    layers: list[LoraLayer], targets: dict[tuple[str, str], nn.Module], device, dtype, sha256: str
 ) -> LoraWeights:
-    """Match layers to the model's modules, check shapes, and move the factors to the device.
+    """Match layers to the model's modules, check shapes and values, convert the factors to the model's
+    dtype (one conversion, from the file's dtype) on `device`.
 
     A LoRA for another architecture (SDXL, SD 2.x) is refused here with the reason, rather than
     silently ignoring its unmatched keys.
@@ -185,8 +244,8 @@ def fit_layers(
                 f" model {tuple(weight.shape)})"
             )
             continue
-        # Factors stay float32 where the model is float32; on a float16 GPU they are kept in the model
-        # dtype to halve their memory, and the product is still accumulated in float32 when merging.
+        # Factors are kept in the model's dtype: float32 on a float32 model; on a float16 GPU half the
+        # memory, and the product is still accumulated in float32 when merging.
         fitted.append(
             LoraLayer(
                 component=layer.component,
@@ -209,7 +268,12 @@ def fit_layers(
             + "; ".join(parts)
             + ". Was it trained for another base model (SDXL, SD 2.x)?"
         )
-    return LoraWeights(layers=tuple(fitted))
+    if any(torch.finfo(t.dtype).max > torch.finfo(dtype).max for layer in layers for t in _tensors(layer)):
+        # Narrowed to the model's dtype (e.g. float32 -> float16): a value it cannot hold became inf.
+        bad = _first_not_finite({f"{x.component}.{x.module}.{i}": t for x in fitted for i, t in enumerate(_tensors(x))})
+        if bad is not None:
+            raise LoraIncompatibleError(f"layer {bad.rsplit('.', 1)[0]} holds values {dtype} cannot represent")
+    return LoraWeights(tuple(fitted), sha256)
 
 
 def _module_name(targets, component: str, module: str) -> str:

@@ -19,7 +19,7 @@ V = TypeVar("V")
 @dataclass(frozen=True)
 class CacheStats:
     enabled: bool
-    max_size: int
+    max_size: int  # in the cache's units: entries, or bytes for the host tier
     size: int  # every resident entry, pinned included
     cached: list[str]  # least recently used first
     pinned: list[str]  # never evicted, not counted against max_size
@@ -33,11 +33,13 @@ class CacheStats:
 
 
 class LoraCache(Generic[V]):
-    def __init__(self, max_size: int, enabled: bool = True):
+    def __init__(self, max_size: int, enabled: bool = True, weigh: Callable[[V], int] | None = None):
+        """`weigh(value)` is what an entry counts against `max_size` (default: 1, i.e. entries)."""
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self.max_size = max_size
         self.enabled = enabled
+        self._weigh = weigh or (lambda _value: 1)
         self._entries: OrderedDict[str, V] = OrderedDict()
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -73,18 +75,35 @@ class LoraCache(Generic[V]):
         with self._lock:
             self._misses += 1
 
-    def put(self, key: str, value: V) -> list[str]:
-        """Insert or replace an entry; returns the keys evicted to make room (least recently used, unpinned)."""
-        evicted: list[str] = []
+    def put(self, key: str, value: V) -> list[tuple[str, V]]:
+        """Insert or replace an entry; returns the (key, value) pairs evicted to make room, least recently
+        used first, never pinned ones (the caller may keep them elsewhere)."""
+        evicted: list[tuple[str, V]] = []
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = value
             unpinned = [k for k in self._entries if k not in self._pinned]
-            for victim in unpinned[: max(0, len(unpinned) - self.max_size)]:
-                del self._entries[victim]
+            load = sum(self._weigh(self._entries[k]) for k in unpinned)
+            for victim in unpinned:
+                if load <= self.max_size:
+                    break
+                value_out = self._entries.pop(victim)
+                load -= self._weigh(value_out)
                 self._evictions += 1
-                evicted.append(victim)
+                evicted.append((victim, value_out))
         return evicted
+
+    def take(self, key: str, valid: Callable[[V], bool] | None = None) -> V | None:
+        """Look up (counting a hit or a miss) and remove: an entry moving to another tier."""
+        value = self.lookup(key, valid)
+        if value is not None:
+            self.remove(key)
+        return value
+
+    def used(self) -> int:
+        """What the entries count against `max_size`, pinned ones included."""
+        with self._lock:
+            return sum(self._weigh(v) for v in self._entries.values())
 
     def pin(self, key: str) -> bool:
         """Keep an entry resident for good (it stops counting against max_size). False when absent."""

@@ -5,6 +5,10 @@ the engine that reads LoRA files into device factors. No torch here: the engine 
 a cache hit reads no file; a miss passes the header gate, is read outside the generation lock, and is
 cached. A file that changed on disk since it was cached is reloaded; one that failed to load fails
 fast until it changes. Preloaded brands are pinned: never evicted, outside the LRU's capacity.
+
+Two capacities, as in vLLM: `LORA_CACHE_MAX_SIZE` adapters on the device, and a host tier of up to
+`LORA_HOST_CACHE_MB` where adapters evicted from the device stay converted (pinned host memory on
+a GPU), so a re-miss costs a copy to the device instead of a file read and a conversion.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResidentLora:
-    """A cache entry: the engine's factors and the exact file they came from."""
+    """A cache entry: the exact file, its factors on the device (None in the host tier) and in host
+    memory (the same object on a CPU engine), and the file's sha256."""
 
     file: LoraFile
-    weights: object
+    weights: object | None
+    host: object
     sha256: str
 
 
@@ -86,12 +92,22 @@ class AcquiredLoras:
 
 class LoraManager:
     def __init__(
-        self, registry: LoraRegistry, facts: LoraFileFacts, engine, cache_enabled: bool, cache_max_size: int
+        self,
+        registry: LoraRegistry,
+        facts: LoraFileFacts,
+        engine,
+        cache_enabled: bool,
+        cache_max_size: int,
+        host_cache_bytes: int = 0,
     ):
         self.registry = registry
         self.facts = facts
         self.engine = engine
         self.cache: LoraCache[ResidentLora] = LoraCache(cache_max_size, enabled=cache_enabled)
+        # Off with no budget, and with the cache off (each request then loads and drops its LoRAs).
+        self.host: LoraCache[ResidentLora] | None = None
+        if host_cache_bytes > 0 and cache_enabled:
+            self.host = LoraCache(host_cache_bytes, weigh=lambda entry: entry.host.nbytes)
         self._key_locks: dict[str, threading.Lock] = {}
         self._key_locks_guard = threading.Lock()
         self.loads = 0
@@ -142,7 +158,7 @@ class LoraManager:
         for key in self.cache.keys():
             brand_id, _, version = key.partition("@")
             if brand_id == spec.brand_id and spec.version in (None, version or DEFAULT_VERSION):
-                self.cache.remove(key)
+                self.remove(key)
 
     def _not_found_reason(self, spec: LoraSpec) -> str:
         versions = self.registry.versions(spec.brand_id)
@@ -166,10 +182,21 @@ class LoraManager:
             if entry is not None:
                 return entry, 0.0
             start = time.perf_counter()
-            entry = self._load(lora_file)
+            entry = self._from_host_tier(lora_file, fresh) or self._load(lora_file)
             if self.cache.enabled:
-                self.cache.put(key, entry)
+                for evicted_key, evicted in self.cache.put(key, entry):
+                    if self.host is not None:  # keep it converted in host memory; the device copy goes
+                        self.host.put(evicted_key, replace(evicted, weights=None))
             return entry, (time.perf_counter() - start) * 1000
+
+    def _from_host_tier(self, lora_file: LoraFile, fresh) -> ResidentLora | None:
+        """An adapter evicted from the device earlier, copied back (no file read, no conversion)."""
+        if self.host is None:
+            return None
+        entry = self.host.take(lora_file.key, valid=fresh)
+        if entry is None:
+            return None
+        return replace(entry, weights=self.engine.to_device(entry.host))
 
     def _load(self, lora_file: LoraFile) -> ResidentLora:
         known = self.facts.invalid_reason(lora_file)
@@ -181,7 +208,8 @@ class LoraManager:
             raise LoraUnavailable(lora_file.brand_id, header_error)
         try:
             start = time.perf_counter()
-            weights = self.engine.load_adapter(lora_file.path, header)
+            host = self.engine.read_adapter(lora_file.path, header)
+            weights = self.engine.to_device(host)
             self.load_seconds += time.perf_counter() - start
             self.loads += 1
         except Exception as exc:  # a broken upload must never take the service down
@@ -190,7 +218,7 @@ class LoraManager:
             logger.warning("[LORA] %s is invalid: %s", lora_file.path, reason)
             raise LoraUnavailable(lora_file.brand_id, reason) from exc
         logger.info("[LORA] loaded %s (%d layers)", lora_file.key, len(weights.layers))
-        return ResidentLora(file=lora_file, weights=weights, sha256=self.facts.sha256(lora_file))
+        return ResidentLora(file=lora_file, weights=weights, host=host, sha256=weights.sha256)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._key_locks_guard:
@@ -215,11 +243,32 @@ class LoraManager:
                 logger.warning("[LORA] preload of %r failed: %s", brand_id, outcome[brand_id])
         return outcome
 
+    def remove(self, key: str) -> bool:
+        """Forget an adapter in both tiers, pinned or not (its file was deleted or replaced)."""
+        in_host = self.host is not None and self.host.remove(key)
+        return self.cache.remove(key) or in_host
+
     def clear_cache(self) -> int:
-        """Drop every unpinned adapter and put the base weights back (the merged set held the last ones)."""
-        cleared = self.cache.clear()
+        """Drop every unpinned adapter from both tiers and put the base weights back (the merged set held
+        the last ones). Returns how many were dropped."""
+        cleared = self.cache.clear() + (self.host.clear() if self.host is not None else 0)
         self.engine.restore_base()
         return cleared
+
+    def host_stats(self) -> dict | None:
+        if self.host is None:
+            return None
+        stats = self.host.stats()
+        return {
+            "max_mb": round(self.host.max_size / 2**20, 1),
+            "used_mb": round(self.host.used() / 2**20, 1),
+            "size": stats.size,
+            "cached": stats.cached,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "evictions": stats.evictions,
+            "hit_rate": stats.hit_rate,
+        }
 
     def cache_stats(self) -> CacheStats:
         return self.cache.stats()

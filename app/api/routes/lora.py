@@ -29,7 +29,7 @@ def list_loras(
 
 @router.get("/cache/stats", response_model=CacheStatsPublic)
 def cache_stats(loras: LorasDep) -> CacheStatsPublic:
-    return CacheStatsPublic(**loras.cache_stats().as_dict())
+    return CacheStatsPublic(**loras.cache_stats().as_dict(), host=loras.host_stats())
 
 
 @router.post("/cache/clear", response_model=CacheClearPublic)

@@ -1,0 +1,265 @@
+"""`python -m bench.http`: the service measured from outside, over HTTP, against a real uvicorn process.
+
+    python -m bench.http miss                      # what a cache miss costs a request (sd15-random shapes)
+    python -m bench.http zipf --clients 8          # images/s of a Zipf mix of brands from N client threads
+    python -m bench.http zipf --device cuda --preset sd15-random --size 512 --steps 20   # on a GPU
+
+`miss`: two brands are preloaded (pinned) and alternated: every such request switches adapters but
+reads no file. Fresh brands, each asked for once with the LRU at one place and the host tier off,
+are cold misses: header gate, file read, conversion, hash. The miss cost is the difference of the
+medians, interleaved in blocks so the machine's drift hits both alike.
+
+Prints a table and writes JSON to bench/results/<name>.json. It measures; it does not assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from bench.loras import LoraShape, write_brands
+from bench.models import PRESETS, model_id_for
+from bench.report import machine, percentile, write_json
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=("miss", "zipf"))
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: sd15-random for miss, tiny for zipf")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="default: 1 for miss, 4 for zipf")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--requests", type=int, default=12, help="miss: per kind; zipf: in all")
+    p.add_argument("--block", type=int, default=3, help="miss: requests per kind per interleaving round")
+    p.add_argument("--clients", type=int, default=1, help="zipf: client threads")
+    p.add_argument("--brands", type=int, default=20, help="zipf: brands in the mix")
+    p.add_argument("--cache", type=int, default=5, help="zipf: LORA_CACHE_MAX_SIZE")
+    p.add_argument("--host-cache-mb", type=int, default=0, help="LORA_HOST_CACHE_MB for the server")
+    p.add_argument("--batch", type=int, default=None, help="BATCH_MAX_SIZE for the server (when supported)")
+    p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=None, help="TORCH_THREADS for the server")
+    p.add_argument("--env", action="append", default=[], help="extra VAR=VALUE for the server")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--name", help="results file name")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], work: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(work / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", "--no-access-log"],
+            cwd=work, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 900
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited: {(work / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server was not ready in 15 minutes")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def request(client: httpx.Client, url: str, body: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    response = client.post(f"{url}/generate", json=body, timeout=600)
+    elapsed = (time.perf_counter() - start) * 1000
+    if response.status_code != 200:
+        raise SystemExit(f"request failed: {response.status_code} {response.text[:500]}")
+    return elapsed, response.json()
+
+
+def server_env(args, model_id: str, lora_root: Path, **extra) -> dict[str, str]:
+    env = {
+        "MODEL_ID": model_id, "MODEL_CACHE_DIR": str(args.cache_dir), "DEVICE": args.device,
+        "LORA_BASE_DIR": str(lora_root), "LOG_LEVEL": "warning", "MAX_QUEUE_SIZE": "256",
+        "LORA_HOST_CACHE_MB": str(args.host_cache_mb), "MAX_BODY_BYTES": str(1 << 20),
+    }  # fmt: skip
+    if args.threads:
+        env["TORCH_THREADS"] = str(args.threads)
+    if args.batch is not None:
+        env["BATCH_MAX_SIZE"] = str(args.batch)
+    env.update({k: str(v) for k, v in extra.items()})
+    env.update(dict(item.split("=", 1) for item in args.env))
+    return env
+
+
+def write_loras(args, model_id: str, lora_root: Path, names: list[str]) -> LoraShape:
+    from diffusers import StableDiffusionPipeline
+
+    from app.config import Settings
+    from app.engine.loading import model_source
+
+    source = model_source(Settings(model_id=model_id, model_cache_dir=args.cache_dir))
+    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    shape = LoraShape(rank=args.rank)
+    write_brands(lora_root, pipe, names, shape, seed=7)
+    return shape
+
+
+def run_miss(args, model_id: str, work: Path) -> dict:
+    steps = args.steps or 1
+    rounds = -(-args.requests // args.block)
+    fresh = [f"miss-{i:03d}" for i in range(rounds * args.block + 2)]
+    shape = write_loras(args, model_id, work / "loras", ["pinned-a", "pinned-b", *fresh])
+    # Pinned brands never leave; the one LRU place turns over with every fresh brand.
+    server = Server(
+        server_env(args, model_id, work / "loras", LORA_PRELOAD_BRANDS="pinned-a,pinned-b", LORA_CACHE_MAX_SIZE=1),
+        work,
+    )
+    body = {"prompt": "a product photo", "width": args.size, "height": args.size, "num_inference_steps": steps,
+            "seed": 1}  # fmt: skip
+    switch_ms, miss_ms, miss_lora_ms, switch_lora_ms = [], [], [], []
+    try:
+        with httpx.Client() as client:
+            for brand in ("pinned-a", "pinned-b", fresh.pop()):  # warm-up: first request, first merge
+                request(client, server.url, {**body, "brand_id": brand})
+            for _ in range(rounds):
+                for i in range(args.block):
+                    ms, reply = request(client, server.url, {**body, "brand_id": ("pinned-a", "pinned-b")[i % 2]})
+                    switch_ms.append(ms)
+                    switch_lora_ms.append(reply["timings"]["lora_ms"])
+                for _ in range(args.block):
+                    ms, reply = request(client, server.url, {**body, "brand_id": fresh.pop()})
+                    miss_ms.append(ms)
+                    miss_lora_ms.append(reply["timings"]["lora_ms"])
+            stats = client.get(f"{server.url}/lora/cache/stats").json()
+    finally:
+        server.stop()
+    result = {
+        "lora": shape.describe(),
+        "file_mib": (work / "loras" / "pinned-a" / "style.safetensors").stat().st_size / 2**20,
+        "switch_p50_ms": statistics.median(switch_ms),
+        "miss_p50_ms": statistics.median(miss_ms),
+        "miss_cost_ms": statistics.median(miss_ms) - statistics.median(switch_ms),
+        "miss_lora_ms_p50": statistics.median(miss_lora_ms),
+        "switch_lora_ms_p50": statistics.median(switch_lora_ms),
+        "requests_per_kind": len(miss_ms),
+        "cache": stats,
+    }
+    r = result
+    print(f"\nLoRA: {r['lora']}, {r['file_mib']:.1f} MiB per file; {steps} step(s) at {args.size}x{args.size}")
+    print("| request | p50 ms | LoRA ms (p50, reported by the service) |\n|---|---|---|")
+    print(f"| cached switch (pinned brands alternating) | {r['switch_p50_ms']:.1f} | {r['switch_lora_ms_p50']:.1f} |")
+    print(f"| cold miss (a new brand each time) | {r['miss_p50_ms']:.1f} | {r['miss_lora_ms_p50']:.1f} |")
+    print(f"\nmiss cost beyond a cached switch: {r['miss_cost_ms']:.1f} ms (target: <= 100 ms on CPU, 50 on GPU)")
+    return result
+
+
+def run_zipf(args, model_id: str, work: Path) -> dict:
+    steps = args.steps or 4
+    brands = [f"zipf-{i:02d}" for i in range(args.brands)]
+    write_loras(args, model_id, work / "loras", brands)
+    rng = random.Random(3)
+    weights = [1 / (k + 1) ** args.zipf_s for k in range(len(brands))]
+    mix = rng.choices(brands, weights=weights, k=args.requests)
+    server = Server(server_env(args, model_id, work / "loras", LORA_CACHE_MAX_SIZE=args.cache), work)
+    body = {"prompt": "a product photo", "width": args.size, "height": args.size, "num_inference_steps": steps}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    try:
+        with httpx.Client() as warm:
+            request(warm, server.url, {**body, "seed": 0})
+
+        def one(i_brand):
+            i, brand = i_brand
+            with httpx.Client() as client:
+                ms, _ = request(client, server.url, {**body, "seed": i, "brand_id": brand})
+            with lock:
+                latencies.append(ms)
+
+        def run(items) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(one, items))
+            return time.perf_counter() - start
+
+        base_s = run([(i, None) for i in range(args.requests)])
+        base_lat, latencies[:] = list(latencies), []
+        mix_s = run(list(enumerate(mix)))
+        with httpx.Client() as client:
+            stats = client.get(f"{server.url}/lora/cache/stats").json()
+    finally:
+        server.stop()
+    result = {
+        "clients": args.clients,
+        "requests": args.requests,
+        "base_images_per_s": args.requests / base_s,
+        "zipf_images_per_s": args.requests / mix_s,
+        "zipf_vs_base": base_s / mix_s,
+        "base_p50_ms": percentile(base_lat, 0.5),
+        "zipf_p50_ms": percentile(latencies, 0.5),
+        "zipf_p95_ms": percentile(latencies, 0.95),
+        "cache": stats,
+    }
+    print(f"\n{args.requests} requests from {args.clients} client(s), {len(brands)} brands (Zipf s={args.zipf_s}), "
+          f"cache {args.cache}, host tier {args.host_cache_mb} MB; {steps} steps at {args.size}px")  # fmt: skip
+    print("| row | images/s | p50 ms |\n|---|---|---|")
+    print(f"| base (no LoRA) | {result['base_images_per_s']:.2f} | {result['base_p50_ms']:.1f} |")
+    print(f"| Zipf mix | {result['zipf_images_per_s']:.2f} | {result['zipf_p50_ms']:.1f} |")
+    print(f"\nZipf throughput / base: {result['zipf_vs_base']:.3f}; device hit rate {stats['hit_rate']:.2f}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset = args.preset or ("sd15-random" if args.mode == "miss" else "tiny")
+    model_id = model_id_for(preset, args.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        work = Path(tmp)
+        result = run_miss(args, model_id, work) if args.mode == "miss" else run_zipf(args, model_id, work)
+    name = args.name or f"http-{args.mode}-{preset}-{args.device}"
+    payload = {
+        "name": name,
+        "command": "python -m bench.http " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "model": preset,
+        "result": result,
+    }
+    print(f"\nwrote {write_json(RESULTS_DIR / f'{name}.json', payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
