@@ -47,10 +47,14 @@ UPLOAD_PREFIX = ".upload-"
 # The paths of these endpoints, for the auth table and the JSON body limit (uploads are exempt from it).
 UPLOAD_PATH = re.compile(r"^/lora/[^/]+/versions$")
 VERSION_PATH = re.compile(r"^/lora/[^/]+/versions/[^/]+$")
+TRAIN_PATH = re.compile(r"^/lora/[^/]+/train$")  # a training dataset (zip), bounded by TRAIN_MAX_DATASET_MB
+TRAIN_JOB_PATH = re.compile(r"^/train/jobs/[^/]+$")
+# POSTs whose body streams to disk under their own size limit instead of MAX_BODY_BYTES.
+STREAMED_UPLOAD_PATHS = (UPLOAD_PATH, TRAIN_PATH)
 
 
 def is_upload(method: str, path: str) -> bool:
-    return method == "POST" and UPLOAD_PATH.fullmatch(path) is not None
+    return method == "POST" and any(pattern.fullmatch(path) for pattern in STREAMED_UPLOAD_PATHS)
 
 
 class UploadRefused(Exception):

@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -325,10 +324,8 @@ class _Run:
                 samples: int, sample_steps: int):  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix="lora-train-"))
         try:
-            layers = {
-                f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
-                for name, state in self.lora_state().items()
-            }
+            # PEFT keys (`unet.<module>.lora_A.weight`): what diffusers' loader and the service's read.
+            layers = {f"{name}_lora_layers": state for name, state in self.lora_state().items()}
             adapter_metadata = {
                 f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()
                 for name, model in self._components()
