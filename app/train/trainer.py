@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
@@ -223,7 +223,10 @@ class _Run:
         self.unet.add_adapter(LoraConfig(**config, target_modules=UNET_TARGETS))
         self.trained = [self.unet]
         if options.text_encoder:
-            self.text_encoder.add_adapter(LoraConfig(**config, target_modules=TEXT_ENCODER_TARGETS))
+            # peft directly: transformers 5's `add_adapter` asks for a newer peft than the service pins.
+            te_config = LoraConfig(**config, target_modules=TEXT_ENCODER_TARGETS)
+            inject_adapter_in_model(te_config, self.text_encoder, adapter_name="default")
+            self.text_encoder.peft_config = {"default": te_config}
             self.trained.append(self.text_encoder)
         # Mixed precision: a float16 model keeps its trainable LoRA parameters in float32.
         cast_training_params(self.trained, dtype=torch.float32)
