@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     ab_max_variants: int = Field(16, ge=1, le=256)
     data_dir: Path = Field(PROJECT_ROOT / "data", description="where the A/B test store (SQLite) lives")
 
+    # Training jobs (POST /lora/{brand_id}/train)
+    train_max_dataset_mb: int = Field(
+        512, ge=1, description="largest dataset zip, and the most its files may add up to once extracted"
+    )
+    train_max_images: int = Field(1000, ge=1, description="most images in one training dataset")
+
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -67,7 +73,9 @@ class Settings(BaseSettings):
 
     # Auth: with no keys set everything is open (start-up logs a warning).
     api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")
-    admin_api_key: SecretStr | None = Field(None, description="Bearer key for POST /lora/cache/clear")
+    admin_api_key: SecretStr | None = Field(
+        None, description="Bearer key for operations that change state (cache clear, uploads, training jobs)"
+    )
 
     @field_validator("model_id")
     @classmethod

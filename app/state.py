@@ -14,6 +14,7 @@ from app.config import Settings
 from app.lora.catalog import LoraCatalog
 from app.lora.file_facts import LoraFileFacts
 from app.lora.registry import LoraRegistry
+from app.train.jobs import TrainJobs
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class AppState:
     queue: object | None = None  # GenerationQueue
     ab_store: object | None = None  # AbStore, opened on first use
     metrics: object | None = None  # ServiceMetrics
+    train_jobs: object | None = None  # TrainJobs (training runs in child processes)
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
     draining: bool = False
@@ -41,7 +43,15 @@ class AppState:
     def for_settings(cls, settings: Settings) -> AppState:
         registry = LoraRegistry(settings.lora_base_dir)
         facts = LoraFileFacts(settings.lora_max_file_mb * 1024 * 1024)
-        return cls(settings=settings, registry=registry, facts=facts, catalog=LoraCatalog(registry, facts))
+        state = cls(settings=settings, registry=registry, facts=facts, catalog=LoraCatalog(registry, facts))
+        state.train_jobs = TrainJobs(settings, on_published=state._on_trained)
+        return state
+
+    def _on_trained(self, brand_id: str, version: str) -> None:
+        # The registry reads the disk per request, so the new version is already the latest; a flat
+        # 'default' file of the brand it now shadows leaves the cache (as after an upload).
+        if self.loras is not None:
+            self.loras.cache.remove(brand_id)
 
     @property
     def ready(self) -> bool:
@@ -75,7 +85,8 @@ class AppState:
                 self.service.queue = self.queue
 
     def stop(self) -> None:
-        """Release what the app holds between starts; the loaded model stays."""
+        """Release what the app holds between starts; the loaded model stays; a training child is stopped."""
+        self.train_jobs.shutdown()
         if self.queue is not None:
             self.queue.shutdown()
         if self.ab_store is not None:

@@ -27,6 +27,7 @@ from app.errors import (
 )
 from app.lora.registry import InvalidLoraId, UnsafeLoraPath
 from app.lora.uploads import UploadRefused
+from app.train.jobs import TrainJobBusy, TrainJobNotFound
 
 RETRY_AFTER = {"Retry-After": "5"}
 
@@ -48,6 +49,8 @@ ERROR_TABLE: dict[type[Exception], object] = {
     LoraUnavailable: lambda e: ErrorAnswer(422, str(e), "brand_id", "lora_unavailable"),
     UploadRefused: lambda e: ErrorAnswer(e.status, str(e), e.field if e.status == 422 else None),
     LoraNotFound: lambda e: ErrorAnswer(404, str(e)),
+    TrainJobBusy: lambda e: ErrorAnswer(409, str(e), kind="conflict"),
+    TrainJobNotFound: lambda e: ErrorAnswer(404, str(e)),
     QueueFull: lambda e: ErrorAnswer(
         429, f"the service is busy: {e}", kind="rate_limit", headers={"Retry-After": str(e.retry_after_s)}
     ),

@@ -13,16 +13,22 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
-from app.lora.uploads import UPLOAD_PATH, VERSION_PATH
+from app.lora.uploads import TRAIN_JOB_PATH, TRAIN_PATH, UPLOAD_PATH, VERSION_PATH
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 # The A/B page is static HTML with no data in it; the API calls it makes carry the key.
 PUBLIC_PAGES = frozenset({"/ui"})
-ADMIN_ROUTES = frozenset({("POST", "/lora/cache/clear")})
-# admin routes with path parameters, matched by method + pattern (uploads and removal).
-ADMIN_ROUTE_PATTERNS = (("POST", UPLOAD_PATH), ("DELETE", VERSION_PATH))
+ADMIN_ROUTES = frozenset({("POST", "/lora/cache/clear"), ("GET", "/train/jobs")})
+# admin routes with path parameters, matched by method + pattern (uploads, removal, training jobs).
+ADMIN_ROUTE_PATTERNS = (
+    ("POST", UPLOAD_PATH),
+    ("DELETE", VERSION_PATH),
+    ("POST", TRAIN_PATH),
+    ("GET", TRAIN_JOB_PATH),
+    ("DELETE", TRAIN_JOB_PATH),
+)
 
 
 def _matches(given: str | None, expected) -> bool:

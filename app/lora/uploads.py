@@ -47,10 +47,14 @@ UPLOAD_PREFIX = ".upload-"
 # The paths of these endpoints, for the auth table and the JSON body limit (uploads are exempt from it).
 UPLOAD_PATH = re.compile(r"^/lora/[^/]+/versions$")
 VERSION_PATH = re.compile(r"^/lora/[^/]+/versions/[^/]+$")
+TRAIN_PATH = re.compile(r"^/lora/[^/]+/train$")  # a training dataset (zip), bounded by TRAIN_MAX_DATASET_MB
+TRAIN_JOB_PATH = re.compile(r"^/train/jobs/[^/]+$")
+# POSTs whose body streams to disk under their own size limit instead of MAX_BODY_BYTES.
+STREAMED_UPLOAD_PATHS = (UPLOAD_PATH, TRAIN_PATH)
 
 
 def is_upload(method: str, path: str) -> bool:
-    return method == "POST" and UPLOAD_PATH.fullmatch(path) is not None
+    return method == "POST" and any(pattern.fullmatch(path) for pattern in STREAMED_UPLOAD_PATHS)
 
 
 class UploadRefused(Exception):
@@ -161,9 +165,18 @@ class LoraUploads:
         return PendingUpload(brand_dir, created, self.max_file_bytes)
 
     def finish(
-        self, brand_id: str, pending: PendingUpload, version: str | None, metadata: dict | None
+        self,
+        brand_id: str,
+        pending: PendingUpload,
+        version: str | None,
+        metadata: dict | None,
+        extras: dict[str, Path] | None = None,
     ) -> UploadResult:
-        """Check the streamed file and publish it as a version. On any failure nothing stays on disk."""
+        """Check the streamed file and publish it as a version. On any failure nothing stays on disk.
+
+        `extras` (relative name -> file, e.g. a trained LoRA's `samples/seed-0.png`) are moved into
+        the version folder with the metadata, before the LoRA file: the version is complete when it appears.
+        """
         try:
             sha256 = pending.close()
             if pending.size == 0:
@@ -181,6 +194,12 @@ class LoraUploads:
             try:
                 if metadata is not None:
                     _write_json(version_dir / METADATA_NAME, metadata)
+                for name, source in (extras or {}).items():
+                    target = version_dir / name
+                    if not target.resolve().is_relative_to(version_dir.resolve()) or name == UPLOAD_FILE_NAME:
+                        raise ValueError(f"extra file name {name!r} is not allowed")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(source, target)
                 os.replace(pending.path, version_dir / UPLOAD_FILE_NAME)  # the version appears here, complete
             except BaseException:
                 shutil.rmtree(version_dir, ignore_errors=True)

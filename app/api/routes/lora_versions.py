@@ -100,15 +100,7 @@ async def _receive(brand_id: str, request: Request, uploads: LoraUploads):
                                  "(LORA_MAX_FILE_MB)", "file")  # fmt: skip
     form = _StreamingForm(brand_id, uploads)
     try:
-        parser = MultipartParser(boundary, form.callbacks())
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                form.raise_pending()
-            parser.finalize()
-        except MultipartParseError as exc:
-            raise UploadRefused(422, f"the multipart body is malformed: {exc}", "file") from None
-        form.raise_pending()
+        await stream_form(request, boundary, form)
         if form.pending is None:
             raise UploadRefused(422, "the 'file' part is missing: send the LoRA as a file field named 'file'", "file")
         if not form.done_file:
@@ -126,10 +118,29 @@ async def _receive(brand_id: str, request: Request, uploads: LoraUploads):
             form.pending.abort()
 
 
-class _StreamingForm:
-    """Callbacks for python-multipart: the file part streams to disk, small fields are collected."""
+async def stream_form(request: Request, boundary: bytes, form: _StreamingForm) -> None:
+    """Feed the body to python-multipart as it arrives; the form's first error is raised (reading stops)."""
+    parser = MultipartParser(boundary, form.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            form.raise_pending()
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise UploadRefused(422, f"the multipart body is malformed: {exc}", form.FILE_FIELD) from None
+    form.raise_pending()
 
-    def __init__(self, brand_id: str, uploads: LoraUploads):
+
+class _StreamingForm:
+    """Callbacks for python-multipart: the file part streams to disk, small fields are collected.
+
+    Subclasses (the training endpoint's dataset upload) set FILE_FIELD / FIELDS and `_open_file`.
+    """
+
+    FILE_FIELD = "file"
+    FIELDS = FORM_FIELDS
+
+    def __init__(self, brand_id: str, uploads: LoraUploads | None):
         self.brand_id = brand_id
         self.uploads = uploads
         self.pending: PendingUpload | None = None
@@ -181,27 +192,31 @@ class _StreamingForm:
         self._header_field, self._header_value = b"", b""
 
     def _headers_finished(self) -> None:
+        allowed, file_field = ", ".join(self.FIELDS), self.FILE_FIELD
         if self._parts > MAX_PARTS:
-            raise UploadRefused(422, f"too many form parts; send only {', '.join(FORM_FIELDS)}", "file")
+            raise UploadRefused(422, f"too many form parts; send only {allowed}", file_field)
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = params.get(b"name", b"").decode("utf-8", "replace")
-        if name not in FORM_FIELDS:
-            raise UploadRefused(422, f"unknown form field {name!r}; allowed: {', '.join(FORM_FIELDS)}", name or "file")
-        if name in self.fields or (name == "file" and self.pending is not None):
+        if name not in self.FIELDS:
+            raise UploadRefused(422, f"unknown form field {name!r}; allowed: {allowed}", name or file_field)
+        if name in self.fields or (name == file_field and self.pending is not None):
             raise UploadRefused(422, f"form field {name!r} is given twice", name)
         self._name = name
-        if name == "file":
-            filename = params.get(b"filename", b"").decode("utf-8", "replace")
-            lower = filename.lower()
-            if lower.endswith(UNSUPPORTED_SUFFIXES):
-                raise UploadRefused(422, f"{filename!r} is a pickle format that can run code when loaded; "
-                                         "only .safetensors files are accepted (convert it first)", "file")  # fmt: skip
-            if not lower.endswith(LORA_SUFFIX):
-                raise UploadRefused(422, f"file {filename!r} must be a .safetensors file", "file")
-            self.pending = self.uploads.begin(self.brand_id)
+        if name == file_field:
+            self.pending = self._open_file(params.get(b"filename", b"").decode("utf-8", "replace"))
+
+    def _open_file(self, filename: str):
+        """Check the file part's name and return where its bytes go (`write`, `abort`)."""
+        lower = filename.lower()
+        if lower.endswith(UNSUPPORTED_SUFFIXES):
+            raise UploadRefused(422, f"{filename!r} is a pickle format that can run code when loaded; "
+                                     "only .safetensors files are accepted (convert it first)", "file")  # fmt: skip
+        if not lower.endswith(LORA_SUFFIX):
+            raise UploadRefused(422, f"file {filename!r} must be a .safetensors file", "file")
+        return self.uploads.begin(self.brand_id)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._name == "file":
+        if self._name == self.FILE_FIELD:
             self.pending.write(data[start:end])
         else:
             self._buffer += data[start:end]
@@ -210,7 +225,7 @@ class _StreamingForm:
                 raise UploadRefused(422, message, self._name)
 
     def _part_end(self) -> None:
-        if self._name == "file":
+        if self._name == self.FILE_FIELD:
             self.done_file = True
         elif self._name is not None:
             try:
