@@ -61,7 +61,8 @@ class AffinityPlanner:
       carry the least recent traffic, so popular sets spread over the replicas and each replica's
       cache serves its share; the set keeps that slot while it stays in the window. (Placing by a hash
       of the key gives the same hit rate on average, but a bad split of the top sets costs up to 30%.)
-    - Hot sets: over the last `window` requests, a set whose share exceeds `hot_share` gets
+    - Hot sets: over the last `window` requests, a set whose share exceeds `hot_share` (or 1/replicas,
+      more than one replica's share of the work, whichever is lower) gets
       `min(replicas, ceil(share * replicas))` copies (at least 2), used round-robin; copy k lives in
       slot (home + k) mod replicas. Copy 0 is the plain key, so a set that cools down goes back to
       the replica that held it first.
@@ -85,7 +86,8 @@ class AffinityPlanner:
         if self.replicas < 2 or len(self._recent) < min(self.window, 10):
             return 1
         share = self._counts[key] / len(self._recent)
-        if share <= self.hot_share:
+        # Hot: above `hot_share`, or above what one replica can serve (1/replicas of all traffic).
+        if share <= min(self.hot_share, 1 / self.replicas):
             return 1
         return max(2, min(self.replicas, math.ceil(share * self.replicas)))
 
