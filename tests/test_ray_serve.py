@@ -143,19 +143,27 @@ def lru_hit_rate(sequence: list[str], size: int, assign) -> float:
     return hits / len(sequence)
 
 
-def test_zipf_mix_affinity_hit_rate_is_close_to_one_cache_of_twice_the_size(cluster):
-    sequence = zipf_sequence(90)
-    assert cluster.post("/lora/cache/clear").status_code == 200
-    before = replica_stats(cluster)
+MEASURED: dict[str, float] = {}
+
+
+def measure_zipf_hit_rate(client, sequence: list[str]) -> tuple[float, float, dict, dict]:
+    assert client.post("/lora/cache/clear").status_code == 200
+    before = replica_stats(client)
     started = time.perf_counter()
     for brand in sequence:
-        assert generate(cluster, brand).status_code == 200
+        assert generate(client, brand).status_code == 200
     elapsed = time.perf_counter() - started
-    after = replica_stats(cluster)
+    after = replica_stats(client)
     hits = sum(after[r]["hits"] - before[r]["hits"] for r in after)
     misses = sum(after[r]["misses"] - before[r]["misses"] for r in after)
     assert hits + misses == len(sequence)
-    affinity = hits / len(sequence)
+    return hits / len(sequence), elapsed, before, after
+
+
+def test_zipf_mix_affinity_hit_rate_is_close_to_one_cache_of_twice_the_size(cluster):
+    sequence = zipf_sequence(90)
+    affinity, elapsed, before, after = measure_zipf_hit_rate(cluster, sequence)
+    MEASURED["affinity"] = affinity
     single = lru_hit_rate(sequence, 2 * CACHE, lambda key: 0)
     rng = random.Random(1)
     rand = lru_hit_rate(sequence, CACHE, lambda key: rng.randrange(2))
@@ -203,3 +211,21 @@ def test_a_replica_killed_mid_run_retries_or_fails_clearly_and_nothing_hangs(clu
         ray.get(victim.__ray_ready__.remote(), timeout=30)  # it really died while requests were running
     # The survivor keeps serving, and a failure is a clear 503 (never a 500 or a hang).
     assert generate(cluster, "brand-00", seed=99).status_code == 200
+
+
+def test_random_routing_row_on_the_same_zipf_mix(cluster, settings):
+    """The comparison row, measured: the same app redeployed with RAY_ROUTING=random (Ray's default)."""
+    from app.serve.deployment import build_app
+
+    serve.run(build_app(settings.model_copy(update={"ray_routing": "random"}), APP_NAME), name=APP_NAME,
+              route_prefix="/")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(cluster.get("/lora/cache/stats").json().get("replicas", {})) != 2:
+        assert time.monotonic() < deadline, "the redeployed app never got its 2 replicas"
+        time.sleep(0.5)
+    sequence = zipf_sequence(90)
+    rand, elapsed, _, _ = measure_zipf_hit_rate(cluster, sequence)
+    single = lru_hit_rate(sequence, 2 * CACHE, lambda key: 0)
+    print(f"\nrandom routing (measured) {rand:.3f} vs affinity (measured) {MEASURED.get('affinity', float('nan')):.3f} "
+          f"vs one cache of {2 * CACHE} {single:.3f} ({elapsed:.1f} s)")  # fmt: skip
+    assert rand < single

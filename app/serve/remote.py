@@ -31,6 +31,7 @@ from app.config import Settings
 from app.errors import AnsweredError, ClientGone, QueueFull, QueueTimeout, ServiceUnavailable
 from app.jobs import AppliedLora, GenerationSpec, LoraSpec
 from app.lora.cache import CacheStats
+from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
 from app.serve.routing import AffinityPlanner, lora_set_key
 from app.service import Disconnected, GenerationOutcome, GenerationService
@@ -118,7 +119,9 @@ class RemoteGenerationService(GenerationService):
         image = Image.open(io.BytesIO(reply["png"]))
         image.load()
         applied = [AppliedLora(**a) for a in reply["loras"]]
-        brands = [f"{a.brand_id}@{a.version}" for a in applied if a.weight != 0.0]
+        # The cache keys, as the in-process access log names them (`acme`, `globex@v2`).
+        brands = [a.brand_id if a.version == DEFAULT_VERSION else f"{a.brand_id}@{a.version}"
+                  for a in applied if a.weight != 0.0]  # fmt: skip
         record_image(brands, reply["queue_ms"], reply["lora_ms"], reply["generation_ms"])
         return RemoteOutcome(
             image=image,

@@ -97,6 +97,15 @@ class GenerationReplica:
         if reason is not None and reason[0] == "stalled":
             raise RuntimeError(reason[1])
 
+    def __del__(self):
+        """Serve's graceful shutdown: leave the board at once instead of going stale."""
+        board = getattr(self, "_board", None)
+        if board is not None:
+            try:
+                board.unregister.remote(self.replica_id)
+            except Exception:
+                pass
+
     # ---- commands from the ingress (app/serve/board.py) ------------------------------------------
 
     def _info(self) -> dict:
