@@ -71,6 +71,26 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
 
+    # Ray Serve (`brand-image-serve`, app/serve/): replicas that each own an engine, its LoRA cache
+    # (LORA_CACHE_MAX_SIZE adapters per replica) and its queue, behind one ingress. Unused by uvicorn.
+    ray_replicas: int = Field(2, ge=1, le=1024, description="generation replicas (each loads the model once)")
+    ray_replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica")
+    ray_replica_gpus: float = Field(
+        0.0, ge=0, description="GPUs Ray reserves per replica (1 per replica on a GPU host; fractions share one)"
+    )
+    ray_max_ongoing: int = Field(
+        4, ge=1, le=1024, description="requests one replica takes at once; beyond, a set spills to another replica"
+    )
+    ray_routing: Literal["affinity", "random"] = Field(
+        "affinity", description="affinity = a LoRA set goes to the replica that holds it; random = Ray's default"
+    )
+    ray_hot_share: float = Field(
+        0.3, gt=0, le=1, description="a LoRA set above this share of recent requests is served by several replicas"
+    )
+    ray_hot_window: int = Field(200, ge=10, le=100_000, description="recent requests the hot-set share is taken over")
+    ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")
+    ray_address: str = Field("", description="Ray cluster address for brand-image-serve; empty = start a local one")
+
     # Auth: with no keys set everything is open (start-up logs a warning).
     api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")
     admin_api_key: SecretStr | None = Field(

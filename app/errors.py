@@ -55,6 +55,16 @@ class GenerationOutOfMemory(RuntimeError):
     """The device ran out of memory during one generation; the engine has released what it could."""
 
 
+class AnsweredError(Exception):
+    """An error that already carries its HTTP answer: raised where the request path ran in another
+    process (a Ray replica) and sent back the answer its own error became (app/api/errors.py)."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "value_error",
+                 headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.field, self.kind, self.headers = status, field, kind, headers
+
+
 def check_unique(specs, field: str = "lora_configs", fields=None) -> None:
     """Each (brand, version) once in a request's LoRA list: the one duplicate rule of every entry point.
 

@@ -22,10 +22,12 @@ from app.observability import BodyLimitMiddleware, RequestContextMiddleware, Ser
 from app.state import AppState, install_sigterm_drain
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    """The app; `state` replaces the one built from the settings (the Ray ingress passes its own,
+    whose service and LoRA manager are the replicas: app/serve/)."""
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    state = AppState.for_settings(settings)
+    state = state or AppState.for_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

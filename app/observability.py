@@ -92,7 +92,8 @@ class ServiceMetrics:
             "generation_duration_seconds", "Time in the diffusion pipeline per image", buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(state))
+        self.state_collector = _StateCollector(state)
+        self.registry.register(self.state_collector)
 
 
 class _StateCollector:

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.errors import (
+    AnsweredError,
     ClientGone,
     GenerationOutOfMemory,
     InvalidRequest,
@@ -43,6 +44,7 @@ class ErrorAnswer:
 
 # exception type -> its answer; looked up along the exception's class hierarchy.
 ERROR_TABLE: dict[type[Exception], object] = {
+    AnsweredError: lambda e: ErrorAnswer(e.status, str(e), e.field, e.kind, e.headers),
     InvalidRequest: lambda e: ErrorAnswer(422, str(e), e.field),
     InvalidLoraId: lambda e: ErrorAnswer(422, str(e), e.field),
     UnsafeLoraPath: lambda e: ErrorAnswer(422, str(e), "brand_id"),

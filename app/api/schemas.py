@@ -135,6 +135,10 @@ class GenerateResponse(BaseModel):
 
 
 class CacheStatsPublic(BaseModel):
+    # Under Ray Serve (app/serve/) the numbers are totals over the replicas (max_size: their capacity
+    # together) and an extra `replicas` object holds each replica's own stats, keyed by replica id.
+    model_config = ConfigDict(extra="allow")
+
     enabled: bool
     max_size: int
     size: int

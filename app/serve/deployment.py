@@ -1,0 +1,108 @@
+"""The Ray Serve application: an ingress that serves the same FastAPI app (routes, schemas, errors)
+and `RAY_REPLICAS` generation replicas, each owning one engine, its LoRA cache and its queue.
+
+    brand-image-serve                 # starts (or joins RAY_ADDRESS) Ray, serves on HOST:PORT
+    serve run app.serve:app           # the same application with Ray's own CLI
+
+The A/B store (SQLite) stays in the one ingress (num_replicas=1): its only writer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from app.config import Settings, load_settings
+from app.serve.board import Board
+from app.serve.replica import GenerationReplica, board_name
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "brand-images"
+BOARD_NAMESPACE = "brand-image-service"
+
+
+def get_board(app_name: str = APP_NAME):
+    """The board actor of `app_name`, created on first use (detached: it outlives a restarted ingress)."""
+    return BoardActor.options(
+        name=board_name(app_name), namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached",
+        num_cpus=0, max_concurrency=1000,
+    ).remote()  # fmt: skip
+
+
+@ray.remote(num_cpus=0)
+class BoardActor(Board):
+    pass
+
+
+@serve.ingress()
+class Ingress:
+    """Serves app.main's FastAPI app; its service and LoRA manager forward to the replicas."""
+
+    def __init__(self, replicas, settings: Settings, app_name: str):
+        from app.main import create_app
+        from app.serve.remote import RemoteAppState, ReplicaMetricsCollector
+
+        board = get_board(app_name)
+        state = RemoteAppState.for_replicas(settings, board, replicas)
+        self._app = create_app(settings, state)
+        metrics = state.metrics
+        # Per-replica series replace the in-process ones (the ingress runs no generation itself).
+        metrics.registry.unregister(metrics.state_collector)
+        metrics.registry.unregister(metrics.generation_seconds)
+        metrics.registry.register(ReplicaMetricsCollector(board))
+
+    def __serve_build_asgi_app__(self):
+        return self._app
+
+
+def replica_options(settings: Settings) -> dict:
+    env = {}
+    if settings.torch_threads:
+        env["OMP_NUM_THREADS"] = str(settings.torch_threads)
+    return {
+        "num_replicas": settings.ray_replicas,
+        "max_ongoing_requests": settings.ray_max_ongoing,
+        "max_queued_requests": max(1, settings.max_queue_size) * settings.ray_replicas,
+        "ray_actor_options": {
+            "num_cpus": settings.ray_replica_cpus,
+            "num_gpus": settings.ray_replica_gpus,
+            "runtime_env": {"env_vars": env} if env else {},
+        },
+        "request_router_config": RequestRouterConfig(
+            request_router_class="app.serve.router:LoraAffinityRouter"
+        ),
+        "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
+    }
+
+
+def build_app(settings: Settings | None = None, app_name: str = APP_NAME):
+    """The bound application; `serve.run(build_app(settings), name=app_name, route_prefix="/")`."""
+    settings = settings or load_settings()
+    replica = serve.deployment(GenerationReplica, name="GenerationReplica", **replica_options(settings))
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=1000)  # fmt: skip
+    return ingress.bind(replica.bind(settings, app_name), settings, app_name)
+
+
+def main() -> None:
+    """Console entry (`brand-image-serve`): Ray (local, or RAY_ADDRESS), Serve on HOST:PORT, the app."""
+    import time
+
+    settings = load_settings()
+    if settings.ray_address:
+        ray.init(address=settings.ray_address)
+    else:
+        ray.init()
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    logger.warning("serving on http://%s:%d with %d replicas", settings.host, settings.port, settings.ray_replicas)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
