@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_queue_size: int = Field(16, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
+    batch_max_size: int = Field(4, ge=1, le=64, description="images per denoising loop; 1 turns batching off")
+    batch_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="how long the worker may wait to fill a batch when the queue is short"
+    )
+    batch_mixed: bool = Field(True, description="batch images of different LoRA sets (per-image low-rank deltas)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     watchdog_s: float = Field(
         300.0, ge=0, description="/ready is 503 when the worker makes no progress this long while work waits; 0 = off"

@@ -73,6 +73,17 @@ class GenerationJob:
     adapters: tuple[ActiveAdapter, ...] = ()
 
     @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one denoising loop (prompts, seeds and LoRAs may differ)."""
+        s = self.spec
+        return (s.width, s.height, s.num_inference_steps, s.guidance_scale, s.scheduler)
+
+    @property
+    def merge_signature(self) -> tuple[tuple[str, float], ...]:
+        """What merged weights would hold for this job: its non-zero adapters and their weights, by key."""
+        return tuple(sorted((a.key, a.weight) for a in self.adapters if a.weight != 0.0))
+
+    @property
     def lora_set_key(self) -> str:
         """The canonical name of the set the image needs: sorted keys of non-zero adapters, no weights.
 
@@ -84,6 +95,7 @@ class GenerationJob:
 @dataclass
 class JobResult:
     image: Any  # PIL.Image.Image, or a float array for output_type="np"
-    lora_ms: float  # switching adapters (merging the set into the weights)
-    generation_ms: float
+    lora_ms: float  # switching adapters (merging the set into the weights); a batch's, split per image
+    generation_ms: float  # the denoising loop; a batch's, split per image
     warnings: list[str] = field(default_factory=list)
+    batch_size: int = 1  # images in the denoising loop this image ran in

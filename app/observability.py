@@ -92,6 +92,10 @@ class ServiceMetrics:
             "generation_duration_seconds", "Time in the diffusion pipeline per image", buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.generation_batch_size = Histogram(
+            "generation_batch_size", "Images per denoising loop", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=self.registry,
+        )
         self.state_collector = _StateCollector(state)
         self.registry.register(self.state_collector)
 

@@ -4,8 +4,13 @@ The pipeline runs one generation at a time, so jobs wait here in arrival order. 
 waiting jobs a new request is refused at once (429) instead of piling up; a job that waited longer
 than `timeout_s`, or whose client went away, gives its place back and never runs.
 
-The queue holds typed `GenerationJob`s, not closures, so what waits is visible (and can be grouped
-or sent elsewhere). A watchdog notices a worker that makes no progress while work waits.
+The queue holds typed `GenerationJob`s, not closures, so what waits is visible and can be grouped:
+the worker takes the oldest job and, up to `batch_max_size`, later jobs that can share its denoising
+loop (same size, steps, guidance and sampler). It prefers jobs with the oldest job's exact LoRA set
+(the engine merges it into the weights once); it mixes sets (per-image low-rank deltas) only when
+that at least doubles the batch, and only where `mixed` is allowed. The oldest job always goes in the
+next loop, so no job waits behind later ones indefinitely. A watchdog notices a worker that makes
+no progress while work waits.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from app.jobs import GenerationJob, JobResult
 
 logger = logging.getLogger(__name__)
 
-# execute(job, on_step) -> result; on_step() is called as the job makes progress (each denoising step).
-Executor = Callable[[GenerationJob, Callable[[], None]], JobResult]
+# execute(jobs, on_step) -> one result per job; on_step() is called as the loop makes progress (each
+# denoising step). The jobs share one denoising loop.
+Executor = Callable[[list[GenerationJob], Callable[[], None]], list[JobResult]]
 Disconnected = Callable[[], Awaitable[bool]] | None
 POLL_S = 0.25
 
@@ -41,10 +47,24 @@ class _Entry:
 
 
 class GenerationQueue:
-    def __init__(self, execute: Executor, max_waiting: int, timeout_s: float, watchdog_s: float = 0.0):
+    def __init__(
+        self,
+        execute: Executor,
+        max_waiting: int,
+        timeout_s: float,
+        watchdog_s: float = 0.0,
+        batch_max_size: int = 1,
+        batch_wait_ms: float = 0.0,
+        mixed: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.max_waiting = max_waiting
         self.timeout_s = timeout_s
         self.watchdog_s = watchdog_s
+        self.batch_max_size = batch_max_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.mixed = mixed
+        self._on_batch = on_batch
         self._execute = execute
         self._pending: deque[_Entry] = deque()
         self._cond = threading.Condition()
@@ -131,32 +151,76 @@ class GenerationQueue:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
+            entries = self._take_batch()
+            if not entries:
+                return
+            started_at = time.perf_counter()
+            for entry in entries:
+                entry.started_at = started_at
+                entry.on_start()
+            if self._on_batch is not None:
+                self._on_batch(len(entries))
+            jobs = [entry.job for entry in entries]
+            results, error = None, None
+            try:
+                # Run in the oldest request's context, so the worker's log lines carry a request id.
+                results = entries[0].context.run(self._execute, jobs, self._progress)
+            except BaseException as exc:  # every request of the batch gets the error; the worker goes on
+                error = exc
+            with self._cond:  # before the answers, so a request that got its image sees the queue without it
+                self._running -= len(entries)
+                self._last_progress = time.monotonic()
+                per_job_ms = (time.perf_counter() - started_at) * 1000 / len(entries)
+                self._recent_ms = 0.8 * self._recent_ms + 0.2 * per_job_ms
+            for i, entry in enumerate(entries):
+                if error is None:
+                    entry.future.set_result(results[i])  # a request that left meanwhile just drops it
+                else:
+                    entry.future.set_exception(error)
+
+    def _take_batch(self) -> list[_Entry]:
+        """The oldest job and the waiting jobs that share its loop (see the module docstring); [] when closed."""
+        with self._cond:
+            while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if not self._pending:
-                    return
-                entry = self._pending.popleft()
-                if not entry.future.set_running_or_notify_cancel():
-                    continue  # cancelled while waiting; its place was already given back
-                self._waiting -= 1
-                self._running += 1
-                self._last_progress = time.monotonic()
-            entry.started_at = time.perf_counter()
-            entry.on_start()
-            result, error = None, None
-            try:
-                result = entry.context.run(self._execute, entry.job, self._progress)
-            except BaseException as exc:  # the request gets the error; the worker goes on
-                error = exc
-            with self._cond:  # before the answer, so a request that got its image sees the queue without it
-                self._running -= 1
-                self._last_progress = time.monotonic()
-                self._recent_ms = 0.8 * self._recent_ms + 0.2 * (time.perf_counter() - entry.started_at) * 1000
-            if error is None:
-                entry.future.set_result(result)
-            else:
-                entry.future.set_exception(error)
+                    return []
+                head = self._pending[0]
+                if not head.future.set_running_or_notify_cancel():
+                    self._pending.popleft()  # cancelled while waiting; its place was already given back
+                    continue
+                break
+            self._pending.popleft()
+            deadline = time.monotonic() + self.batch_wait_s
+            while (
+                self.batch_max_size > 1
+                and len(self._companions(head)) + 1 < self.batch_max_size
+                and (remaining := deadline - time.monotonic()) > 0
+                and not self._closed
+            ):
+                self._cond.wait(remaining)  # a short wait for more jobs to fill the loop
+            batch = [head]
+            for entry in self._companions(head):
+                self._pending.remove(entry)
+                if entry.future.set_running_or_notify_cancel():
+                    batch.append(entry)
+            self._waiting -= len(batch)
+            self._running += len(batch)
+            self._last_progress = time.monotonic()
+            return batch
+
+    def _companions(self, head: _Entry) -> list[_Entry]:
+        """Waiting jobs to run with `head`, oldest first: its exact LoRA set, or any set when mixing at
+        least doubles the batch (merging once costs less than per-image deltas at every step)."""
+        room = self.batch_max_size - 1
+        if room <= 0:
+            return []
+        compatible = [e for e in self._pending if e.job.batch_key == head.job.batch_key and not e.future.done()]
+        same_set = [e for e in compatible if e.job.merge_signature == head.job.merge_signature][:room]
+        if self.mixed and min(len(compatible), room) + 1 >= 2 * (len(same_set) + 1):
+            return compatible[:room]
+        return same_set
 
     # ---- health ------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class GenerationOutcome:
     lora_ms: float
     generation_ms: float
     total_ms: float
+    batch_size: int = 1  # images in the denoising loop this one ran in
 
     @property
     def image_base64(self) -> str:
@@ -128,6 +129,7 @@ class GenerationService:
             lora_ms=load_ms + result.lora_ms,
             generation_ms=result.generation_ms,
             total_ms=(time.perf_counter() - start) * 1000,
+            batch_size=result.batch_size,
         )
 
 

@@ -121,11 +121,17 @@ class AppState:
         from app.queueing import GenerationQueue
 
         s = self.settings
+        metrics = self.metrics
         return GenerationQueue(
-            lambda job, on_step: engine.generate(job, on_step=on_step),
+            lambda jobs, on_step: engine.generate_batch(jobs, on_step=on_step),
             s.max_queue_size,
             s.request_timeout_s,
             s.watchdog_s,
+            batch_max_size=s.batch_max_size,
+            batch_wait_ms=s.batch_wait_ms,
+            # Per-image deltas are forward hooks: a compiled UNet would recompile for them.
+            mixed=s.batch_mixed and not s.compile_unet,
+            on_batch=None if metrics is None else metrics.generation_batch_size.observe,
         )
 
     def begin_drain(self) -> None:

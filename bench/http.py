@@ -3,6 +3,7 @@
     python -m bench.http miss                      # what a cache miss costs a request (sd15-random shapes)
     python -m bench.http zipf --clients 8          # images/s of a Zipf mix of brands from N client threads
     python -m bench.http zipf --device cuda --preset sd15-random --size 512 --steps 20   # on a GPU
+    python -m bench.http batch --clients 8         # images/s with BATCH_MAX_SIZE 1, 4, 8: one brand, 8 brands
 
 `miss`: two brands are preloaded (pinned) and alternated: every such request switches adapters but
 reads no file. Fresh brands, each asked for once with the LRU at one place and the host tier off,
@@ -41,7 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("miss", "zipf"))
+    p.add_argument("mode", choices=("miss", "zipf", "batch"))
     p.add_argument("--preset", choices=PRESETS, default=None, help="default: sd15-random for miss, tiny for zipf")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--size", type=int, default=64)
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--brands", type=int, default=20, help="zipf: brands in the mix")
     p.add_argument("--cache", type=int, default=5, help="zipf: LORA_CACHE_MAX_SIZE")
     p.add_argument("--host-cache-mb", type=int, default=0, help="LORA_HOST_CACHE_MB for the server")
-    p.add_argument("--batch", type=int, default=None, help="BATCH_MAX_SIZE for the server (when supported)")
+    p.add_argument("--batch", type=int, default=None, help="BATCH_MAX_SIZE for the server")
+    p.add_argument("--batches", default="1,4,8", help="batch: the BATCH_MAX_SIZE values to compare")
     p.add_argument("--zipf-s", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="TORCH_THREADS for the server")
     p.add_argument("--env", action="append", default=[], help="extra VAR=VALUE for the server")
@@ -242,13 +244,60 @@ def run_zipf(args, model_id: str, work: Path) -> dict:
     return result
 
 
+def run_batch(args, model_id: str, work: Path) -> dict:
+    steps = args.steps or 4
+    brands = [f"brand-{i}" for i in range(args.clients)]
+    write_loras(args, model_id, work / "loras", brands)
+    body = {"prompt": "a product photo", "width": args.size, "height": args.size, "num_inference_steps": steps}
+    mixes = {"one brand": [brands[0]] * args.requests, f"{len(brands)} brands": [brands[i % len(brands)]
+             for i in range(args.requests)]}  # fmt: skip
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        env = server_env(args, model_id, work / "loras", LORA_CACHE_MAX_SIZE=len(brands), BATCH_MAX_SIZE=batch)
+        server = Server(env, work)
+        try:
+            with httpx.Client() as client:
+                for brand in brands:  # every adapter resident: the rows measure batching, not loading
+                    request(client, server.url, {**body, "seed": 0, "brand_id": brand})
+            for mix_name, mix in mixes.items():
+                sizes: list[int] = []
+
+                def one(i_brand, url=server.url, sizes=sizes):
+                    i, brand = i_brand
+                    with httpx.Client() as client:
+                        _, reply = request(client, url, {**body, "seed": i, "brand_id": brand})
+                    sizes.append(reply["batch_size"])
+
+                start = time.perf_counter()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(one, enumerate(mix)))
+                elapsed = time.perf_counter() - start
+                rows.append({"batch_max_size": batch, "mix": mix_name, "images_per_s": len(mix) / elapsed,
+                             "mean_batch": statistics.fmean(sizes)})  # fmt: skip
+        finally:
+            server.stop()
+    unbatched = {r["mix"]: r["images_per_s"] for r in rows if r["batch_max_size"] == 1}
+    one = next(r["images_per_s"] for r in rows if r["batch_max_size"] == max(int(b) for b in args.batches.split(","))
+               and r["mix"] == "one brand")  # fmt: skip
+    print(f"\n{args.requests} requests per row from {args.clients} clients; {steps} steps at {args.size}px")
+    print("| BATCH_MAX_SIZE | mix | images/s | x unbatched | mean batch |\n|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["images_per_s"] / unbatched[r["mix"]] if r["mix"] in unbatched else float("nan")
+        r["vs_unbatched"] = ratio
+        print(f"| {r['batch_max_size']} | {r['mix']} | {r['images_per_s']:.2f} | {ratio:.2f} | {r['mean_batch']:.2f} |")
+    mixed_best = max(r["images_per_s"] for r in rows if r["mix"] != "one brand")
+    print(f"\nmixed brands (best batched) / one brand (largest batch): {mixed_best / one:.2f}")
+    return {"rows": rows, "clients": args.clients, "requests_per_row": args.requests}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = args.preset or ("sd15-random" if args.mode == "miss" else "tiny")
     model_id = model_id_for(preset, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
-        result = run_miss(args, model_id, work) if args.mode == "miss" else run_zipf(args, model_id, work)
+        run = {"miss": run_miss, "zipf": run_zipf, "batch": run_batch}[args.mode]
+        result = run(args, model_id, work)
     name = args.name or f"http-{args.mode}-{preset}-{args.device}"
     payload = {
         "name": name,

@@ -278,12 +278,13 @@ def test_variants_are_separate_jobs_that_let_other_requests_in():
     order: list[str] = []
     first_running, release = threading.Event(), threading.Event()
 
-    def execute(job, on_step):
+    def execute(jobs, on_step):
+        (job,) = jobs  # BATCH_MAX_SIZE 1 here: each image its own loop
         order.append(f"ab {job.adapters[0].weight:g}" if job.adapters else job.spec.prompt)
         if len(order) == 1:
             first_running.set()
             assert release.wait(5)
-        return JobResult(Image.new("RGB", (8, 8)), 0.0, 0.0)
+        return [JobResult(Image.new("RGB", (8, 8)), 0.0, 0.0)]
 
     acquire_calls = []
 

@@ -18,10 +18,10 @@ LAYERS = [
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),
     ("request path", ["app.queueing", "app.service", "app.observability"]),
-    ("features", ["app.ab", "app.prompt_tags"]),
+    ("features", ["app.ab", "app.prompt_tags", "app.train"]),
     ("assembly", ["app.state"]),
     ("http", ["app.api"]),
-    ("entry points", ["app.main", "app.demo", "app.train", "app.serve"]),
+    ("entry points", ["app.main", "app.demo", "app.train.__main__", "app.serve"]),
 ]
 
 

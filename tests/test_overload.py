@@ -88,11 +88,11 @@ def test_burst_beyond_the_queue_gets_429_and_the_rest_complete(server):
 
 
 class HeldWorker:
-    """Wraps the engine's generate so that generations wait until `release()`: a worker that is busy."""
+    """Wraps the engine's generate_batch so that generations wait until `release()`: a worker that is busy."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.real = engine.generate
+        self.real = engine.generate_batch
         self.gate = threading.Event()
         self.started = threading.Event()
 
@@ -102,7 +102,7 @@ class HeldWorker:
             assert self.gate.wait(120)
             return self.real(*args, **kwargs)
 
-        self.engine.generate = held
+        self.engine.generate_batch = held
         return self
 
     def release(self):
@@ -110,7 +110,7 @@ class HeldWorker:
 
     def __exit__(self, *exc):
         self.gate.set()
-        self.engine.generate = self.real
+        self.engine.generate_batch = self.real
 
 
 def _app_client(tmp_path_factory, **overrides):

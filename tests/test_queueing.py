@@ -21,13 +21,15 @@ class ScriptedWorker:
     def __init__(self):
         self.started, self.released = threading.Event(), threading.Event()
         self.ran: list[str] = []
+        self.batches: list[list[str]] = []
 
-    def __call__(self, job: GenerationJob, on_step) -> str:
-        if job.spec.prompt == "hold":
+    def __call__(self, jobs: list[GenerationJob], on_step) -> list[str]:
+        self.batches.append([job.spec.prompt for job in jobs])
+        if any(job.spec.prompt == "hold" for job in jobs):
             self.started.set()
             self.released.wait(10)
-        self.ran.append(job.spec.prompt)
-        return job.spec.prompt
+        self.ran += [job.spec.prompt for job in jobs]
+        return [job.spec.prompt for job in jobs]
 
 
 def job(prompt: str) -> GenerationJob:
@@ -133,11 +135,11 @@ def test_out_of_memory_during_generation_is_503_and_the_service_keeps_serving(ma
         real_run = engine._run_pipeline
         calls = []
 
-        def run_out_of_memory(spec, output_type, on_step):
-            calls.append(spec)
+        def run_out_of_memory(specs, output_type, on_step, embeddings=None):
+            calls.append(specs)
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real_run(spec, output_type, on_step)
+            return real_run(specs, output_type, on_step, embeddings)
 
         monkeypatch.setattr(engine, "_run_pipeline", run_out_of_memory)
         failed = client.post("/generate", json=small_request())

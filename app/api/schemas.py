@@ -120,7 +120,7 @@ class AppliedLoraPublic(BaseModel):
 class Timings(BaseModel):
     queue_ms: float = Field(description="waiting for the generation worker")
     lora_ms: float = Field(description="loading LoRA files (cache misses) and switching adapters")
-    generation_ms: float
+    generation_ms: float = Field(description="the denoising loop; a batch's time split over its images")
     total_ms: float
 
 
@@ -132,6 +132,7 @@ class GenerateResponse(BaseModel):
     loras: list[AppliedLoraPublic]
     warnings: list[str]
     timings: Timings
+    batch_size: int = Field(1, description="images in the denoising loop this image ran in (BATCH_MAX_SIZE)")
 
 
 class CacheStatsPublic(BaseModel):

@@ -19,6 +19,7 @@ from app.config import Settings
 from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
 from app.engine.merge import AdapterMerger
+from app.engine.per_sample import per_sample_deltas
 from app.engine.schedulers import make_scheduler
 from app.errors import GenerationOutOfMemory
 from app.jobs import GenerationJob, GenerationSpec, JobResult
@@ -73,49 +74,101 @@ class DiffusionEngine:
 
         `on_step` is called after every denoising step (the queue's watchdog counts it as progress).
         """
+        return self.generate_batch([job], output_type, on_step)[0]
+
+    def generate_batch(
+        self, jobs: list[GenerationJob], output_type: str = "pil", on_step: Callable[[], None] | None = None
+    ) -> list[JobResult]:
+        """Generate the jobs' images in one denoising loop (they share size, steps, guidance, sampler).
+
+        One LoRA set: merged into the weights, as for a single job. Several sets: each set's text
+        encoder is merged in turn to encode its prompts, and the UNet runs on base weights with each
+        image's low-rank deltas (app/engine/per_sample.py). Each image uses its own seeded generator,
+        so it equals its single-job image up to the float rounding of batched kernels.
+        """
+        if len({job.batch_key for job in jobs}) != 1:
+            raise ValueError("jobs of one batch must share size, steps, guidance and sampler")
         with self._lock:
             # Inside the lock: the fast tokenizer's truncation setting is shared state the pipeline also sets.
-            warnings = self._prompt_warnings(job.spec)
+            warnings = [self._prompt_warnings(job.spec) for job in jobs]
             t0 = time.perf_counter()
-            self.merger.activate(job.adapters)
+            one_set = len({job.merge_signature for job in jobs}) == 1
+            if one_set:
+                self.merger.activate(jobs[0].adapters)
+                embeddings = None
+            else:
+                embeddings = self._encode_per_set(jobs)
             t1 = time.perf_counter()
             try:
-                image = self._run_pipeline(job.spec, output_type, on_step)
+                if one_set:
+                    images = self._run_pipeline([job.spec for job in jobs], output_type, on_step)
+                else:
+                    with per_sample_deltas(self._targets, [job.adapters for job in jobs]):
+                        images = self._run_pipeline([job.spec for job in jobs], output_type, on_step, embeddings)
             except torch.OutOfMemoryError as exc:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 raise GenerationOutOfMemory(str(exc).splitlines()[0]) from exc
             t2 = time.perf_counter()
-        return JobResult(image, (t1 - t0) * 1000, (t2 - t1) * 1000, warnings)
+        n = len(jobs)
+        return [JobResult(images[i], (t1 - t0) * 1000 / n, (t2 - t1) * 1000 / n, warnings[i], n) for i in range(n)]
 
     def restore_base(self) -> None:
         """Put the pristine base weights back (used when the adapter cache is cleared)."""
         with self._lock:
             self.merger.restore_base()
 
-    def _run_pipeline(self, spec: GenerationSpec, output_type: str, on_step: Callable[[], None] | None):
-        # The generator lives on the CPU so that a seed gives the same image on every device.
-        generator = torch.Generator("cpu").manual_seed(spec.seed)
+    def _run_pipeline(self, specs: list[GenerationSpec], output_type: str, on_step, embeddings=None) -> list:
+        first = specs[0]
+        # The generators live on the CPU so that a seed gives the same image on every device; one per
+        # image, so each image's noise is what it would be alone.
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         # A new scheduler for this call only (the generation lock is held here).
-        self.pipe.scheduler = make_scheduler(spec.scheduler, self._scheduler_class, self._scheduler_config)
+        self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
 
         def step_done(_pipe, _step, _timestep, tensors):
             if on_step is not None:
                 on_step()
             return tensors
 
+        if embeddings is not None:
+            text = {"prompt_embeds": embeddings[0], "negative_prompt_embeds": embeddings[1]}
+        elif len(specs) == 1:  # a single job is called exactly as diffusers' own single-image call
+            text = {"prompt": first.prompt, "negative_prompt": first.negative_prompt or None}
+        else:
+            negatives = [spec.negative_prompt or "" for spec in specs]
+            text = {"prompt": [spec.prompt for spec in specs], "negative_prompt": negatives if any(negatives) else None}
         with torch.inference_mode():
-            return self.pipe(
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt or None,
-                width=spec.width,
-                height=spec.height,
-                num_inference_steps=spec.num_inference_steps,
-                guidance_scale=spec.guidance_scale,
-                generator=generator,
+            images = self.pipe(
+                **text,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators[0] if len(specs) == 1 else generators,
                 output_type=output_type,
                 callback_on_step_end=step_done,
-            ).images[0]
+            ).images
+        return list(images)
+
+    def _encode_per_set(self, jobs: list[GenerationJob]) -> tuple:
+        """Prompt embeddings of a mixed batch: each LoRA set's text-encoder layers merged in turn for its
+        jobs' prompts. The UNet is left with its base weights (its deltas are added per image)."""
+        cfg = jobs[0].spec.guidance_scale > 1.0
+        positive, negative = [None] * len(jobs), [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.merge_signature, []).append(i)
+        with torch.inference_mode():
+            for members in groups.values():
+                self.merger.activate(jobs[members[0]].adapters, components=("text_encoder",))
+                prompts = [jobs[i].spec.prompt for i in members]
+                negatives = [jobs[i].spec.negative_prompt or "" for i in members]
+                pos, neg = self.pipe.encode_prompt(prompts, self.pipe.device, 1, cfg, negatives)
+                for row, i in enumerate(members):
+                    positive[i] = pos[row : row + 1]
+                    negative[i] = neg[row : row + 1] if cfg else None
+        return torch.cat(positive), (torch.cat(negative) if cfg else None)
 
     def _prompt_warnings(self, spec: GenerationSpec) -> list[str]:
         warnings = []

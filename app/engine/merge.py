@@ -18,6 +18,7 @@ from app.engine.lora_weights import LoraLayer
 from app.jobs import ActiveAdapter
 
 Target = tuple[str, str]  # (component, module name)
+COMPONENTS = ("unet", "text_encoder")
 
 
 class AdapterMerger:
@@ -27,27 +28,29 @@ class AdapterMerger:
         self._pristine: dict[Target, tuple] = {}
         self._merged_modules: set[Target] = set()
         self._merged_biases: set[Target] = set()  # only LoRAs with a lora_B bias change biases
-        # What is merged now: (key, weights object, weight) per adapter. Objects, not keys, so that a
-        # reloaded file under the same key never matches the stale merge.
-        self._merged_set: tuple[tuple[str, object, float], ...] = ()
+        # What is merged now: the components, then (key, weights object, weight) per adapter. Objects,
+        # not keys, so that a reloaded file under the same key never matches the stale merge.
+        self._merged_set: tuple = ()
 
-    def activate(self, adapters: Sequence[ActiveAdapter]) -> bool:
-        """Make the weights equal base + `adapters`, touching only what changes. True when anything changed.
+    def activate(self, adapters: Sequence[ActiveAdapter], components: tuple[str, ...] = COMPONENTS) -> bool:
+        """Make the weights equal base + `adapters` (their layers of `components`; every other module
+        gets its base weights), touching only what changes. True when anything changed.
 
         Adapters are merged in key order so that the order of a request's list cannot change the bits.
         Weight-0 adapters are left out: W + 0 * delta is W.
         """
         wanted = sorted((a for a in adapters if a.weight != 0.0), key=lambda a: a.key)
-        signature = tuple((a.key, a.weights, a.weight) for a in wanted)
-        if len(signature) == len(self._merged_set) and all(
+        signature = (components, *((a.key, a.weights, a.weight) for a in wanted))
+        if len(signature) == len(self._merged_set) and signature[0] == self._merged_set[0] and all(
             k1 == k2 and w1 is w2 and x1 == x2
-            for (k1, w1, x1), (k2, w2, x2) in zip(signature, self._merged_set, strict=True)
+            for (k1, w1, x1), (k2, w2, x2) in zip(signature[1:], self._merged_set[1:], strict=True)
         ):
             return False
         plan: dict[Target, list[tuple[LoraLayer, float]]] = {}
         for adapter in wanted:
             for layer in adapter.weights.layers:
-                plan.setdefault((layer.component, layer.module), []).append((layer, adapter.weight))
+                if layer.component in components:
+                    plan.setdefault((layer.component, layer.module), []).append((layer, adapter.weight))
         with torch.no_grad():
             # Only modules the new set leaves alone need their pristine weights back: the merge below
             # overwrites the others completely, so restoring them first would be a wasted copy.

@@ -41,4 +41,5 @@ async def generate(body: GenerateRequest, service: ServiceDep, request: Request)
         loras=[AppliedLoraPublic(**vars(applied)) for applied in outcome.loras],
         warnings=outcome.warnings,
         timings=Timings(**outcome.timings()),
+        batch_size=outcome.batch_size,
     )
