@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     model_cache_dir: Path = Field(PROJECT_ROOT / ".cache" / "models", description="where the embedded model is saved")
-    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA only)")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (pays on a GPU; compiled code is cached)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead captures CUDA graphs"
+    )
+    compile_warmup_size: int = Field(512, ge=64, le=4096, description="the size compiled at start-up (width = height)")
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0 = torch's default")
 
     # LoRA files and the resident adapter cache

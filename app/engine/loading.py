@@ -7,6 +7,7 @@ changes. In float16 the `fp16` variant is loaded where the repo has one (half th
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -52,10 +53,14 @@ def load_pipeline(settings: Settings, device: str, dtype: torch.dtype) -> tuple[
         pipe = _from_pretrained(source, dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if settings.compile_unet and device == "cuda":
-        # Adapter switches write merged weights into the parameters' own storage, which does not
-        # trigger recompilation.
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    if settings.compile_unet:
+        # Compiled kernels go to the model cache (a volume in the container), so a restart reuses them
+        # instead of compiling again. Written before the first compile; an operator's own setting wins.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.model_cache_dir) / "torch-compile"))
+        # Adapter switches write merged weights into the parameters' own storage, which neither
+        # recompiles nor invalidates captured CUDA graphs.
+        mode = None if settings.compile_mode == "default" else settings.compile_mode
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     return pipe, source
 
 

@@ -242,6 +242,26 @@ class RemoteLoraManager:
         per_replica = self.replica_stats()
         return MergedCacheStats.merge(self.settings, per_replica)
 
+    def host_stats(self) -> dict | None:
+        """The replicas' host tiers together (None when they have none)."""
+        tiers = [s["host"] for s in self.replica_stats().values() if s.get("host")]
+        if not tiers:
+            return None
+        hits, misses = sum(t["hits"] for t in tiers), sum(t["misses"] for t in tiers)
+        cached: list[str] = []
+        for t in tiers:
+            cached += [k for k in t["cached"] if k not in cached]
+        return {
+            "max_mb": sum(t["max_mb"] for t in tiers),
+            "used_mb": sum(t["used_mb"] for t in tiers),
+            "size": sum(t["size"] for t in tiers),
+            "cached": cached,
+            "hits": hits,
+            "misses": misses,
+            "evictions": sum(t["evictions"] for t in tiers),
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        }
+
     def clear_cache(self) -> int:
         return sum(n for n in self.broadcast("clear_cache")["replies"].values() if isinstance(n, int))
 

@@ -121,7 +121,7 @@ class GenerationReplica:
         loras = self.state.loras
         if name == "cache_stats":
             stats = loras.cache_stats().as_dict()
-            return {**stats, "loads": loras.loads, "load_seconds": loras.load_seconds}
+            return {**stats, "host": loras.host_stats(), "loads": loras.loads, "load_seconds": loras.load_seconds}
         if name == "clear_cache":
             return loras.clear_cache()
         if name == "remove":

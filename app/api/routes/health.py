@@ -23,6 +23,7 @@ def service_info(state: StateDep) -> dict:
         "embedded_model": s.uses_embedded_model,
         "device": engine.device if engine else None,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
+        "compile": engine.compile_stats() if engine else None,
         "ready": state.ready,
         "lora_dir": str(state.registry.root),
         "loras_found": state.registry.count(),
