@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true", help="skip the naive diffusers row")
     p.add_argument("--ops-ranks", default="8,64,128", help="ranks for the cold-load measurements")
     p.add_argument("--resident", default="1,50", help="resident adapter counts for the switch measurements")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (COMPILE_UNET; CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (COMPILE_UNET)")
+    p.add_argument("--compile-mode", default="default", help="COMPILE_MODE, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--soak", action="store_true", help="run the memory soak instead of the table")
     p.add_argument("--soak-requests", type=int, default=1000)
     p.add_argument("--soak-warmup", type=int, default=100)
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
         dtype=args.dtype,
         model_cache_dir=args.cache_dir,
         compile_unet=args.compile,
+        compile_mode=args.compile_mode,
+        compile_warmup_size=size,
     )
     engine = DiffusionEngine(settings)
     name = (
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
                 + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in result["gpu_allocated_bytes"].items())
             )
     else:
+        graphs_after_warm_up = (engine.compile_stats() or {}).get("graphs")
         rows, registry = workloads.build_rows(engine, lora_root, shape, args, naive=not args.no_naive)
         naive = None if args.no_naive else workloads.NaiveDiffusers(engine, registry)
         t1 = time.perf_counter()
@@ -153,6 +157,13 @@ def main(argv=None) -> int:
         resident = [int(r) for r in args.resident.split(",") if r]
         payload["lora_operations"] = workloads.lora_operations(engine, lora_root, shape, ranks, resident)
         payload["targets"] = report.targets(summary)
+        if engine.compile_stats() is not None:
+            # Every row after the start-up warm-up switches LoRA sets: a recompilation would add a graph.
+            payload["compile"] = {**engine.compile_stats(), "graphs_after_warm_up": graphs_after_warm_up}
+            payload["targets"].append(
+                f"compile: {payload['compile']['compile_seconds']:.1f} s at start-up; recompilations during the "
+                f"rows and LoRA operations: {payload['compile']['graphs'] - graphs_after_warm_up} (target 0)"
+            )
         print(report.table(summary))
         print()
         print(report.ops_table(payload["lora_operations"]))
