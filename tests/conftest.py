@@ -56,6 +56,13 @@ def small_request(**fields) -> dict:
     return {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": STEPS, "seed": 7, **fields}
 
 
+def generate(client, **fields) -> dict:
+    """POST /generate with `small_request(**fields)`; the reply's JSON, which must be a 200."""
+    response = client.post("/generate", json=small_request(**fields))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def decode_png(image_b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(image_b64)))
     image.load()

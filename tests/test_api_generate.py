@@ -11,6 +11,7 @@ from PIL import Image
 from app.api.schemas import MAX_SEED
 from tests.conftest import (
     decode_png,
+    generate,
     pixels,
     png_bytes,
     reference_image,
@@ -35,11 +36,6 @@ def api(make_client, brands):
     with make_client(brands["root"]) as c:
         yield c
 
-
-def generate(api, **fields) -> dict:
-    response = api.post("/generate", json=small_request(**fields))
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 # ---- the image ---------------------------------------------------------------------------------

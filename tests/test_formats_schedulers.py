@@ -10,7 +10,7 @@ import torch
 
 from app.engine.schedulers import SCHEDULER_CLASSES
 from app.samplers import SCHEDULER_NAMES
-from tests.conftest import PROMPT, SIZE, STEPS, load_reference_pipe, pixels, png_bytes, small_request
+from tests.conftest import PROMPT, SIZE, STEPS, generate, load_reference_pipe, pixels, png_bytes, small_request
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,6 @@ def diffusers_image(pipe, name: str, seed: int, steps: int = STEPS) -> np.ndarra
         ).images[0]  # fmt: skip
     return np.asarray(image, dtype=np.int16)
 
-
-def generate(api, **fields) -> dict:
-    response = api.post("/generate", json=small_request(**fields))
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)

@@ -12,7 +12,7 @@ from PIL import Image
 from app.infotext import build_infotext, model_name, quote
 from app.prompt_tags import InvalidPromptTag, parse_prompt_tags
 from app.service import encode_png
-from tests.conftest import GUIDANCE, SIZE, STEPS, pixels, png_bytes, sha256_of, small_request
+from tests.conftest import GUIDANCE, SIZE, STEPS, generate, pixels, png_bytes, sha256_of, small_request
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,6 @@ def api(make_client, brands):
     with make_client(brands["root"]) as c:
         yield c
 
-
-def generate(api, **fields) -> dict:
-    response = api.post("/generate", json=small_request(**fields))
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def infotext(body: dict) -> str:

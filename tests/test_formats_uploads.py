@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import png_bytes, sha256_of, small_request
+from tests.conftest import generate, png_bytes, sha256_of
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,6 @@ def upload(c, brand: str, path: Path, filename: str = "my.safetensors", headers=
     return c.post(f"/lora/{brand}/versions", files={"file": (filename, path.read_bytes())}, data=data,
                   headers=headers or {})  # fmt: skip
 
-
-def generate(c, **fields) -> dict:
-    response = c.post("/generate", json=small_request(**fields))
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def on_disk(root: Path) -> list[str]:

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import png_bytes, sha256_of, small_request
-
-
-def generate(client, **fields) -> dict:
-    response = client.post("/generate", json=small_request(**fields))
-    assert response.status_code == 200, response.text
-    return response.json()
+from tests.conftest import generate, png_bytes, sha256_of, small_request
 
 
 def stats(client) -> dict:
