@@ -102,6 +102,8 @@ ENTRY_POINTS = {
     "python -m app.main": [sys.executable, "-m", "app.main"],
     "uvicorn app.main:app": [sys.executable, "-m", "uvicorn", "app.main:app"],
     "python -m app.demo": [sys.executable, "-m", "app.demo"],
+    "brand-image-serve (Ray Serve)": [str(BIN / "brand-image-serve")],
+    "python -m app.train": [sys.executable, "-m", "app.train", "--brand", "acme", "--data", "."],
 }
 
 
