@@ -11,6 +11,7 @@ Prints a table and writes JSON to bench/results/<name>.json. It measures; it doe
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import shlex
 import sys
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
         compile_warmup_size=size,
     )
     engine = DiffusionEngine(settings)
+    gc.freeze()  # as the service does once its model is loaded (app/state.py)
     name = (
         args.name or f"{args.preset}-{engine.device}{'-compile' if args.compile else ''}{'-soak' if args.soak else ''}"
     )
