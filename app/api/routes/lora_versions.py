@@ -43,24 +43,20 @@ class UploadPublic(BaseModel):
     rank: int | None
 
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "a .safetensors LoRA"},
-                        "metadata": {"type": "string", "description": "a JSON object (kept as metadata.json)"},
-                        "version": {"type": "string", "description": "vN; default: the next number"},
-                    },
-                }
-            }
-        },
-    }
-}
+def multipart_body(required: str, properties: dict) -> dict:
+    """The OpenAPI request body of a streamed multipart form (the route parses it itself)."""
+    schema = {"type": "object", "required": [required], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+UPLOAD_BODY = multipart_body(
+    "file",
+    {
+        "file": {"type": "string", "format": "binary", "description": "a .safetensors LoRA"},
+        "metadata": {"type": "string", "description": "a JSON object (kept as metadata.json)"},
+        "version": {"type": "string", "description": "vN; default: the next number"},
+    },
+)
 
 
 def _uploads(loras) -> LoraUploads:

@@ -23,7 +23,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import StateDep
-from app.api.routes.lora_versions import _StreamingForm, stream_form
+from app.api.routes.lora_versions import _StreamingForm, multipart_body, stream_form
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.lora.registry import ID_PATTERN
 from app.lora.safetensors_header import MIB
@@ -50,25 +50,14 @@ class TrainJobPublic(BaseModel):
     error: str | None
 
 
-TRAIN_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["dataset"],
-                    "properties": {
-                        "dataset": {"type": "string", "format": "binary",
-                                    "description": "a .zip of images with same-name .txt captions "
-                                                   "(or a metadata.jsonl with file_name and text)"},
-                        "config": {"type": "string", "description": f"a JSON object of options: {CONFIG_KEYS}"},
-                    },
-                }
-            }
-        },
-    }
-}  # fmt: skip
+TRAIN_BODY = multipart_body(
+    "dataset",
+    {
+        "dataset": {"type": "string", "format": "binary", "description": "a .zip of images with same-name .txt "
+                    "captions (or a metadata.jsonl with file_name and text)"},
+        "config": {"type": "string", "description": f"a JSON object of options: {CONFIG_KEYS}"},
+    },
+)  # fmt: skip
 
 
 class _ZipSink:
