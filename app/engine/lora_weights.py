@@ -13,6 +13,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ class LoraWeights:
     layers: tuple[LoraLayer, ...]
     sha256: str
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        # Cached: the host tier weighs its entries on every put (frozen dataclass, so no __setattr__).
         return sum(t.numel() * t.element_size() for layer in self.layers for t in _tensors(layer))
 
     def pin_memory(self) -> LoraWeights:
