@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.engine.cpu_threads import one_cpu_thread
 from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
 from app.engine.merge import AdapterMerger
@@ -64,9 +65,11 @@ class DiffusionEngine:
         """
         if header is None:
             header = read_lora_header(path, max_bytes=Path(path).stat().st_size)
-        layers, sha256 = read_lora_file(path, header)
-        host = fit_layers(layers, self._targets, "cpu", self.dtype, sha256)
-        return host if self.device == "cpu" else host.pin_memory()
+        # Usually on a request thread while another image generates: one core (app/engine/cpu_threads.py).
+        with one_cpu_thread():
+            layers, sha256 = read_lora_file(path, header)
+            host = fit_layers(layers, self._targets, "cpu", self.dtype, sha256)
+            return host if self.device == "cpu" else host.pin_memory()
 
     def to_device(self, host: LoraWeights) -> LoraWeights:
         """The factors on the engine's device (the same object on a CPU engine: nothing is copied)."""

@@ -27,6 +27,7 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from app.engine.cpu_threads import one_cpu_thread
 from app.lora.safetensors_header import FLOAT_DTYPES, LoraHeaderInfo
 
 COMPONENTS = ("unet", "text_encoder")
@@ -95,7 +96,7 @@ def read_lora_file(path: Path, header: LoraHeaderInfo) -> tuple[list[LoraLayer],
     hashing = _WORKERS.submit(lambda: hashlib.sha256(data).hexdigest())
     file_state, metadata = _tensors_of(data, header)
     # NaN/inf in the file's own values, checked beside the key conversion (torch releases the GIL too).
-    checking = _WORKERS.submit(_first_not_finite, dict(file_state))  # diffusers pops keys as it converts
+    checking = _WORKERS.submit(_check_off_thread, dict(file_state))  # diffusers pops keys as it converts
     state_dict, network_alphas, _ = StableDiffusionPipeline.lora_state_dict(
         file_state, use_safetensors=True, return_lora_metadata=True
     )
@@ -141,6 +142,11 @@ def _first_not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     if bool(peaks.isfinite().all()):
         return None
     return names[int((~peaks.isfinite()).nonzero()[0])]
+
+
+def _check_off_thread(tensors: dict[str, torch.Tensor]) -> str | None:
+    with one_cpu_thread():  # beside a generation: see app/engine/cpu_threads.py
+        return _first_not_finite(tensors)
 
 
 _LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts LoraConfig args
