@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     batch_max_size: int = Field(4, ge=1, le=64, description="images per denoising loop; 1 turns batching off")
     batch_wait_ms: float = Field(
-        10.0, ge=0, le=10_000, description="how long the worker may wait to fill a batch when the queue is short"
+        10.0,
+        ge=0,
+        le=10_000,
+        description="how long the worker may wait to fill a batch when the queue is short and others are on their way",
     )
     batch_mixed: bool = Field(True, description="batch images of different LoRA sets (per-image low-rank deltas)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")

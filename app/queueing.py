@@ -70,6 +70,7 @@ class GenerationQueue:
         self._cond = threading.Condition()
         self._waiting = 0  # places taken: reserved, and queued but not started
         self._running = 0
+        self._last_batch_size = 0
         self._closed = False
         self._recent_ms = 1000.0  # moving estimate of one job, for Retry-After
         self._last_progress = time.monotonic()
@@ -192,7 +193,10 @@ class GenerationQueue:
                     continue
                 break
             self._pending.popleft()
-            deadline = time.monotonic() + self.batch_wait_s
+            # Wait for companions only where they can come: other requests are on their way (reserved,
+            # loading their LoRAs, or queued), or the last loop was shared. A lone client never waits.
+            concurrent = self._waiting > 1 or self._last_batch_size > 1
+            deadline = time.monotonic() + (self.batch_wait_s if concurrent else 0.0)
             while (
                 self.batch_max_size > 1
                 and len(self._companions(head)) + 1 < self.batch_max_size
@@ -207,6 +211,7 @@ class GenerationQueue:
                     batch.append(entry)
             self._waiting -= len(batch)
             self._running += len(batch)
+            self._last_batch_size = len(batch)
             self._last_progress = time.monotonic()
             return batch
 

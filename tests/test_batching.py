@@ -91,20 +91,36 @@ def test_batch_max_size_one_runs_every_job_alone():
     assert run_queue([job("a1", "a"), job("a2", "a")], batch_max_size=1) == [["a1"], ["a2"]]
 
 
-def test_the_worker_waits_batch_wait_ms_for_a_companion():
+def test_the_worker_waits_batch_wait_ms_for_a_companion_on_its_way():
     async def scenario():
         worker = Worker()
         queue = GenerationQueue(worker, max_waiting=8, timeout_s=10, batch_max_size=4, batch_wait_ms=400)
         queue.reserve()
+        queue.reserve()  # a second request is on its way (e.g. still loading its LoRA)
         first = asyncio.ensure_future(queue.submit(job("a1", "a")))
         await asyncio.sleep(0.1)  # the worker has a1 and waits for more
-        queue.reserve()
         second = asyncio.ensure_future(queue.submit(job("a2", "a")))
         await asyncio.gather(first, second)
         queue.shutdown()
         return worker.batches
 
     assert asyncio.run(scenario()) == [["a1", "a2"]]
+
+
+def test_a_lone_request_does_not_wait_for_companions():
+    """A sequential client gains nothing from the batch window: its request starts at once."""
+
+    async def scenario():
+        worker = Worker()
+        queue = GenerationQueue(worker, max_waiting=8, timeout_s=60, batch_max_size=4, batch_wait_ms=10_000)
+        for name in ("a1", "a2"):  # one after the other, as a sequential client sends them
+            queue.reserve()
+            # Far below the 10 s window: a worker that waited for companions would time out here.
+            await asyncio.wait_for(queue.submit(job(name, "a")), timeout=5)
+        queue.shutdown()
+        return worker.batches
+
+    assert asyncio.run(scenario()) == [["a1"], ["a2"]]
 
 
 def test_a_client_that_leaves_is_dropped_without_harming_its_batch_mates():
