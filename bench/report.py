@@ -87,9 +87,10 @@ def targets(summary: list[dict]) -> list[str]:
             f"{'met' if ok else 'NOT met'}: {label} = {value:.3f} ({'>=' if higher_is_better else '<='} {limit})"
         )
 
-    check("cached LoRA p50 / base p50", by["one-brand"]["p50_vs_base"], 1.05)
-    check("three composed p50 / base p50", by["three-composed"]["p50_vs_base"], 1.05)
-    check("Zipf throughput / base throughput", by["zipf-20-cache-5"]["throughput_vs_base"], 0.95, True)
+    # The limits of issue #12 ("GPU speed"), which apply on every device.
+    check("cached LoRA p50 / base p50", by["one-brand"]["p50_vs_base"], 1.02)
+    check("three composed p50 / base p50", by["three-composed"]["p50_vs_base"], 1.02)
+    check("Zipf throughput / base throughput", by["zipf-20-cache-5"]["throughput_vs_base"], 0.97, True)
     if "naive-diffusers-zipf" in by:
         ratio = by["zipf-20-cache-5"]["throughput_rps"] / by["naive-diffusers-zipf"]["throughput_rps"]
         check("Zipf throughput / naive throughput", ratio, 1.8, True)
