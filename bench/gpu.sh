@@ -49,7 +49,7 @@ diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__
   step "in-process rows (compiled)" 120 "$PY" -m bench --preset sd15-random --device cuda --compile --requests 20 \
     --block 10 --round-robin 3 --no-naive --ops-ranks 64 --resident 50
   step "HTTP Zipf mix, 8 clients" 75 "$PY" -m bench.http zipf --device cuda --preset sd15-random --size 512 \
-    --steps 20 --clients 8 --requests 40 --rank 8 --host-cache-mb 2048
+    --steps 20 --clients 8 --requests 40 --warmup 8 --rank 8 --host-cache-mb 2048
   step "HTTP batching, 8 clients" 120 "$PY" -m bench.http batch --device cuda --preset sd15-random --size 512 \
     --steps 20 --clients 8 --requests 32 --rank 8 --batches 1,4,8
   step "HTTP cache miss, rank 64" 45 "$PY" -m bench.http miss --device cuda --requests 6
