@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from app.engine.cpu_threads import one_cpu_thread
 
 
-
 @pytest.fixture
 def two_threads():
     """Two intra-op threads for this test (the suite runs one: see tests/conftest.py), as a server has."""
