@@ -124,3 +124,13 @@ def test_lora_for_another_architecture_is_refused_with_the_reason(engine, make_f
         engine.load_adapter(path)
 
     assert "wrong shape" in str(excinfo.value)
+
+
+def test_a_lora_b_bias_on_a_layer_without_bias_is_refused_with_the_reason(engine, make_lora, tmp_path):
+    from tests.test_batching import with_lora_b_biases
+
+    # PEFT's lora_bias=True puts a bias on every lora_B, also on SD 1.5's bias-less attention projections.
+    path = with_lora_b_biases(make_lora(tmp_path / "biased.safetensors"), engine._targets, False)
+
+    with pytest.raises(LoraIncompatibleError, match="has a lora_B bias, but the model's layer has no bias"):
+        engine.load_adapter(path)

@@ -243,6 +243,13 @@ def fit_layers(
         if module is None:
             missing.append(f"{layer.component}.{layer.module}")
             continue
+        if layer.up_bias is not None and module.bias is None:
+            # Merging adds the delta to the layer's weights and bias; this layer has no bias to hold it.
+            raise LoraIncompatibleError(
+                f"layer {layer.component}.{layer.module} has a lora_B bias, but the model's layer has no bias: "
+                "the service merges LoRAs into the weights and cannot apply it (PEFT cannot merge it either). "
+                "Export the LoRA without lora_bias."
+            )
         weight = module.weight
         expected = (weight.shape[0], math.prod(weight.shape[1:]))
         rank_matches = layer.up.shape[1] == layer.down.shape[0]

@@ -102,7 +102,7 @@ class AdapterMerger:
             weight.copy_(out)
         bias_layers = [(layer, w) for layer, w in layers if layer.up_bias is not None]
         if bias is not None and bias_layers:
-            total = bias0.to(torch.float32)
+            total = bias0.to(torch.float32, copy=True)  # a copy: the pristine bias must stay pristine
             for layer, adapter_weight in bias_layers:
                 total.add_(layer.up_bias.to(torch.float32), alpha=layer.scale * adapter_weight)
             bias.copy_(total)
