@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from app.config import PROJECT_ROOT, Settings
 from app.engine.embedded import UNET_CONFIG, embedded_model_path
@@ -474,3 +475,16 @@ def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+def with_lora_b_biases(path, targets, only_where_the_layer_has_one: bool = True):
+    """Add a lora_B bias (PEFT's lora_bias) to the LoRA file's layers; returns the file."""
+    state = load_file(path)
+    generator = torch.Generator().manual_seed(74)
+    for key in [k for k in state if k.endswith("lora_B.weight")]:
+        component, module = key.removesuffix(".lora_B.weight").split(".", 1)
+        layer = targets.get((component, module)) or targets.get((component, module.removeprefix("text_model.")))
+        if layer.bias is not None or not only_where_the_layer_has_one:
+            state[key.replace(".weight", ".bias")] = torch.randn(state[key].shape[0], generator=generator) * 0.05
+    save_file(state, path)
+    return path

@@ -13,13 +13,11 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from app.errors import ClientGone
 from app.jobs import ActiveAdapter, GenerationJob, GenerationSpec
 from app.queueing import GenerationQueue
-from tests.conftest import PROMPT, SIZE, STEPS, small_request
+from tests.conftest import PROMPT, SIZE, STEPS, small_request, with_lora_b_biases
 
 ONE_LEVEL = 1 / 255
 
@@ -200,19 +198,6 @@ def test_a_mixed_batch_equals_the_single_images(engine, adapters):
     for single, result in zip(singles, batched, strict=True):
         assert np.abs(single - result.image).max() <= ONE_LEVEL
     np.testing.assert_array_equal(base_again, singles[2])  # the base weights came back after the batch
-
-
-def with_lora_b_biases(path, targets, only_where_the_layer_has_one: bool = True):
-    """Add a lora_B bias (PEFT's lora_bias) to the LoRA file's layers; returns the file."""
-    state = load_file(path)
-    generator = torch.Generator().manual_seed(74)
-    for key in [k for k in state if k.endswith("lora_B.weight")]:
-        component, module = key.removesuffix(".lora_B.weight").split(".", 1)
-        layer = targets.get((component, module)) or targets.get((component, module.removeprefix("text_model.")))
-        if layer.bias is not None or not only_where_the_layer_has_one:
-            state[key.replace(".weight", ".bias")] = torch.randn(state[key].shape[0], generator=generator) * 0.05
-    save_file(state, path)
-    return path
 
 
 def test_lora_b_biases_are_applied_alike_merged_and_per_image(engine, make_lora, tmp_path, adapters):

@@ -7,7 +7,14 @@ import pytest
 
 from app.engine.lora_weights import LoraIncompatibleError
 from app.jobs import ActiveAdapter
-from tests.conftest import GUIDANCE, assert_as_accurate_as_diffusers, reference_image, render, spec
+from tests.conftest import (
+    GUIDANCE,
+    assert_as_accurate_as_diffusers,
+    reference_image,
+    render,
+    spec,
+    with_lora_b_biases,
+)
 
 SEED = 11
 # The synthetic LoRAs change the image a lot; a comparison is only meaningful if the LoRA shows.
@@ -127,8 +134,6 @@ def test_lora_for_another_architecture_is_refused_with_the_reason(engine, make_f
 
 
 def test_a_lora_b_bias_on_a_layer_without_bias_is_refused_with_the_reason(engine, make_lora, tmp_path):
-    from tests.test_batching import with_lora_b_biases
-
     # PEFT's lora_bias=True puts a bias on every lora_B, also on SD 1.5's bias-less attention projections.
     path = with_lora_b_biases(make_lora(tmp_path / "biased.safetensors"), engine._targets, False)
 
