@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         2048, ge=0, description="host memory for adapters evicted from the device, kept converted; 0 = off"
     )
     lora_preload_brands: str = Field("", description="comma-separated brand ids loaded at start-up")
+    lora_hash_on_start: bool = Field(
+        True, description="hash each brand's latest LoRA file in the background at start-up, off the request path"
+    )
     lora_max_per_request: int = Field(8, ge=1, le=64)
     lora_max_file_mb: int = Field(1024, ge=1)
 

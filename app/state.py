@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -39,6 +40,7 @@ class AppState:
     _ready: threading.Event = field(default_factory=threading.Event)
     _start_lock: threading.Lock = field(default_factory=threading.Lock)
     _loader: threading.Thread | None = None
+    _stop_hashing: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> AppState:
@@ -87,6 +89,7 @@ class AppState:
 
     def stop(self) -> None:
         """Release what the app holds between starts; the loaded model stays; a training child is stopped."""
+        self._stop_hashing.set()
         self.train_jobs.shutdown()
         if self.queue is not None:
             self.queue.shutdown()
@@ -117,9 +120,22 @@ class AppState:
             gc.freeze()
             self._ready.set()
             logger.info("ready: model %s on %s (%s)", s.model_id, engine.device, engine.dtype)
+            if s.lora_hash_on_start:
+                threading.Thread(target=self._hash_lora_files, name="lora-hash", daemon=True).start()
         except Exception as exc:  # reported by /ready; the process stays up to say why
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the model failed")
+
+    def _hash_lora_files(self) -> None:
+        """Hash each brand's latest file once, beside the service (LORA_HASH_ON_START), so that its
+        first cache miss does not: on a rank-64 SD 1.5 LoRA that is 35 ms of a 65 ms read."""
+        try:  # Linux: a thread's own priority (nice 10), so images being generated keep the cores first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        start = time.perf_counter()
+        hashed = self.facts.learn(self.registry.latest_files(), self._stop_hashing)
+        logger.info("hashed %d LoRA files in %.1f s", hashed, time.perf_counter() - start)
 
     def _new_queue(self, engine):
         from app.queueing import GenerationQueue

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from app.engine.lora_weights import LoraIncompatibleError
 from app.jobs import ActiveAdapter
+from app.lora.registry import fingerprint_of
 from tests.conftest import (
     GUIDANCE,
     assert_as_accurate_as_diffusers,
     reference_image,
     render,
+    sha256_of,
     spec,
     with_lora_b_biases,
 )
@@ -139,3 +143,16 @@ def test_a_lora_b_bias_on_a_layer_without_bias_is_refused_with_the_reason(engine
 
     with pytest.raises(LoraIncompatibleError, match="has a lora_B bias, but the model's layer has no bias"):
         engine.load_adapter(path)
+
+
+def test_a_known_digest_is_used_only_for_the_file_version_it_was_taken_of(engine, make_lora, tmp_path):
+    path = make_lora(tmp_path / "known.safetensors", seed=31)
+    version = fingerprint_of(os.stat(path))
+    rewritten = (version[0], version[1] - 1, version[2])  # same size and inode, another modification time
+    stale = "0" * 64
+
+    trusted = engine.read_adapter(path, known_sha256=(version, stale))
+    other = engine.read_adapter(path, known_sha256=(rewritten, stale))
+
+    assert trusted.sha256 == stale  # that version's digest, taken without hashing the bytes again
+    assert other.sha256 == sha256_of(path) and other.fingerprint == version

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from app.engine import lora_weights
 from tests.conftest import generate, png_bytes, sha256_of, small_request
 
 
@@ -25,12 +29,24 @@ def count_engine_reads(monkeypatch, client) -> list[str]:
     calls: list[str] = []
     real = engine.read_adapter
 
-    def counting(path, header=None):
+    def counting(path, header=None, known_sha256=None):
         calls.append(Path(path).parent.name)
-        return real(path, header)
+        return real(path, header, known_sha256)
 
     monkeypatch.setattr(engine, "read_adapter", counting)
     return calls
+
+
+def count_reader_hashes(monkeypatch) -> list[int]:
+    """Record the size of every buffer the LoRA reader hashes (it hashes the bytes it read)."""
+    sizes: list[int] = []
+
+    def sha256(data):
+        sizes.append(len(data))
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(lora_weights, "hashlib", SimpleNamespace(sha256=sha256))
+    return sizes
 
 
 @pytest.fixture
@@ -242,3 +258,33 @@ def test_without_a_host_budget_an_evicted_adapter_is_read_again(make_client, lor
 
     assert loads == ["a", "b", "a"]
     assert body["host"] is None
+
+
+def test_a_version_is_hashed_once_however_often_it_is_read(make_client, lora_root, three_brands, monkeypatch):
+    # No start-up pass, no host tier, one place: every request below reads its file again.
+    with make_client(lora_root, lora_cache_max_size=1, lora_host_cache_mb=0, lora_hash_on_start=False) as c:
+        hashes = count_reader_hashes(monkeypatch)
+        loads = count_engine_reads(monkeypatch, c)
+        replies = [generate(c, brand_id=brand) for brand in ["a", "b", "a", "b"]]
+
+    assert loads == ["a", "b", "a", "b"]
+    assert hashes == [three_brands["a"].stat().st_size, three_brands["b"].stat().st_size]  # the first reads
+    assert [r["loras"][0]["sha256"] for r in replies] == [sha256_of(three_brands[b]) for b in ["a", "b", "a", "b"]]
+
+
+def test_brands_on_disk_are_hashed_at_start_up_not_on_their_first_miss(
+    make_client, lora_root, three_brands, monkeypatch, expected_png
+):
+    hashes = count_reader_hashes(monkeypatch)
+    with make_client(lora_root) as c:
+        state = app_state(c)
+        deadline = time.monotonic() + 30
+        while not all(state.facts.known_sha256(f) for f in state.registry.latest_files()):
+            assert time.monotonic() < deadline, "the start-up pass did not hash the brands' files"
+            time.sleep(0.05)
+        replies = {brand: generate(c, brand_id=brand) for brand in three_brands}
+
+    assert hashes == []  # every first miss used the start-up pass's digest
+    for brand, reply in replies.items():
+        assert reply["loras"][0]["sha256"] == sha256_of(three_brands[brand])
+        assert png_bytes(reply["image"]) == expected_png(three_brands[brand], 0.8)

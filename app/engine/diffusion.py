@@ -24,6 +24,7 @@ from app.engine.per_sample import per_sample_deltas
 from app.engine.schedulers import make_scheduler
 from app.errors import GenerationOutOfMemory
 from app.jobs import GenerationJob, GenerationSpec, JobResult
+from app.lora.registry import Fingerprint
 from app.lora.safetensors_header import LoraHeaderInfo, read_lora_header
 
 logger = logging.getLogger(__name__)
@@ -56,19 +57,25 @@ class DiffusionEngine:
         self.compiled = settings.compile_unet
         self.compile_seconds = self._warm_up(settings.compile_warmup_size) if self.compiled else None
 
-    def read_adapter(self, path: Path, header: LoraHeaderInfo | None = None) -> LoraWeights:
+    def read_adapter(
+        self,
+        path: Path,
+        header: LoraHeaderInfo | None = None,
+        known_sha256: tuple[Fingerprint, str] | None = None,
+    ) -> LoraWeights:
         """Read a LoRA file into factors in host memory, in the model's dtype (pinned when the model is
         on a GPU). No lock needed: a load never stalls a generation.
 
         `header` is the safety gate's result when the caller already ran it (the LoRA manager does);
-        without it the gate runs here.
+        without it the gate runs here. `known_sha256`: (fingerprint, sha256) of a version hashed
+        before, so that reading that version does not hash it again (see `read_lora_file`).
         """
         if header is None:
             header = read_lora_header(path, max_bytes=Path(path).stat().st_size)
         # Usually on a request thread while another image generates: one core (app/engine/cpu_threads.py).
         with one_cpu_thread():
-            layers, sha256 = read_lora_file(path, header)
-            host = fit_layers(layers, self._targets, "cpu", self.dtype, sha256)
+            layers, sha256, fingerprint = read_lora_file(path, header, known_sha256)
+            host = fit_layers(layers, self._targets, "cpu", self.dtype, sha256, fingerprint)
             return host if self.device == "cpu" else host.pin_memory()
 
     def to_device(self, host: LoraWeights) -> LoraWeights:

@@ -2,8 +2,9 @@
 
 One memo for everything derived from a file's bytes: its sha256, its header facts (or why the header
 is refused) and why it failed to load, if it did. An entry is valid while the file's fingerprint
-(size, mtime, inode) is unchanged, so a replaced file is hashed and checked again, once; nothing is
-hashed on a cache hit.
+(size, mtime, inode) is unchanged, so a replaced file is hashed and checked again, once. Each version
+is hashed once: by the start-up pass (`learn`), a listing, or the loader's first read (`record_sha256`);
+a later read of the same version skips the hash.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.lora.registry import LoraFile
+from app.lora.registry import Fingerprint, LoraFile, fingerprint_of
 from app.lora.safetensors_header import InvalidLoraFile, LoraHeaderInfo, read_lora_header
 
 HASH_CHUNK_BYTES = 1024 * 1024
-Fingerprint = tuple[int, int, int]
 
 
 @dataclass
@@ -55,6 +56,36 @@ class LoraFileFacts:
                     return digest  # replaced since it was resolved: right for these bytes, not for the entry
                 facts.sha256 = digest
             return facts.sha256
+
+    def known_sha256(self, lora_file: LoraFile) -> str | None:
+        """The sha256 when this version of the file was hashed already; never reads the file."""
+        with self._lock:
+            facts = self._facts.get(lora_file.path)
+        return facts.sha256 if facts is not None and facts.fingerprint == lora_file.fingerprint else None
+
+    def record_sha256(self, lora_file: LoraFile, read_fingerprint: Fingerprint, digest: str) -> None:
+        """Remember a digest hashed elsewhere (by the loader), if it was of this version of the file."""
+        if read_fingerprint == lora_file.fingerprint:
+            facts = self._entry(lora_file)
+            with facts.lock:
+                facts.sha256 = digest
+
+    def learn(self, files: Iterable[LoraFile], stop: threading.Event) -> int:
+        """Read the header and sha256 of each file not known yet, until `stop` is set; returns how
+        many files were hashed. Runs beside the service at start-up, so that a file's first cache miss
+        neither hashes it nor reads its header on the request path."""
+        hashed = 0
+        for lora_file in files:
+            if stop.is_set():
+                break
+            if self.known_sha256(lora_file) is None:
+                self.header(lora_file)
+                try:
+                    self.sha256(lora_file)
+                except OSError:
+                    continue  # deleted or unreadable meanwhile: its first miss reports it
+                hashed += 1
+        return hashed
 
     def header(self, lora_file: LoraFile) -> tuple[LoraHeaderInfo | None, str | None]:
         """(facts, None) or (None, why the file is refused): the safety gate, read once per fingerprint."""
@@ -95,4 +126,4 @@ def _hash_file(path: Path) -> tuple[str, Fingerprint]:
         st = os.fstat(f.fileno())
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
-    return digest.hexdigest(), (st.st_size, st.st_mtime_ns, st.st_ino)
+    return digest.hexdigest(), fingerprint_of(st)

@@ -208,7 +208,11 @@ class LoraManager:
             raise LoraUnavailable(lora_file.brand_id, header_error)
         try:
             start = time.perf_counter()
-            host = self.engine.read_adapter(lora_file.path, header)
+            # Each version is hashed once (app/lora/file_facts.py): a known digest skips the hash.
+            known = self.facts.known_sha256(lora_file)
+            known_sha256 = None if known is None else (lora_file.fingerprint, known)
+            host = self.engine.read_adapter(lora_file.path, header, known_sha256)
+            self.facts.record_sha256(lora_file, host.fingerprint, host.sha256)
             weights = self.engine.to_device(host)
             self.load_seconds += time.perf_counter() - start
             self.loads += 1

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,14 @@ METADATA_MAX_BYTES = 1024 * 1024  # a metadata file is a few hundred bytes; refu
 
 # The README written into a new LoRA folder: the one text of the folder layout, shipped with the package.
 LORA_DIR_README = Path(__file__).with_name("LORA_FOLDER_README.md")
+
+
+Fingerprint = tuple[int, int, int]  # (size, mtime_ns, inode)
+
+
+def fingerprint_of(st: os.stat_result) -> Fingerprint:
+    """Changes when the file is rewritten or replaced (a new inode), without reading it."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class InvalidLoraId(ValueError):
@@ -76,8 +85,7 @@ class LoraFile:
     inode: int
 
     @property
-    def fingerprint(self) -> tuple[int, int, int]:
-        # Changes when the file is rewritten or replaced (a new inode), without reading it.
+    def fingerprint(self) -> Fingerprint:
         return (self.size_bytes, self.mtime_ns, self.inode)
 
     @property
@@ -139,6 +147,16 @@ class LoraRegistry:
             except UnsafeLoraPath:
                 continue  # a bad symlink makes that brand unusable, not the whole count
         return total
+
+    def latest_files(self) -> Iterator[LoraFile]:
+        """Each brand's latest file (what a request without a version gets); unusable brands are skipped."""
+        for brand_id in self.brand_ids():
+            try:
+                lora_file = self.resolve(brand_id)
+            except UnsafeLoraPath:
+                continue
+            if lora_file is not None:
+                yield lora_file
 
     def resolve(self, brand_id: str, version: str | None = None) -> LoraFile | None:
         brand_id = validate_lora_id(brand_id)

@@ -339,7 +339,7 @@ class _Run:
 
             def check_loadable(path: Path) -> None:  # the service's own loader, against the plain layers
                 header = read_lora_header(path, max_bytes)
-                layers, sha256 = read_lora_file(path, header)
+                layers, sha256, _ = read_lora_file(path, header)
                 fit_layers(layers, self.targets, "cpu", torch.float32, sha256)
 
             uploads = LoraUploads(registry, max_bytes, check_loadable)
