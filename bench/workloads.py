@@ -257,15 +257,21 @@ def lora_operations(engine: DiffusionEngine, lora_root: Path, shape: LoraShape, 
             LoraShape(rank, shape.key_format, shape.feed_forward, shape.text_encoder, shape.dtype),
             seed=900 + rank,
         )
-        times = []
+        times, known_times = [], []
         for brand in brands:
             path = lora_root / brand / "style.safetensors"
             sync(engine)
             start = time.perf_counter()
-            engine.load_adapter(path)
+            first = engine.load_adapter(path)
             sync(engine)
             times.append((time.perf_counter() - start) * 1000)
+            # As the service reads a file hashed before (its start-up pass, or an earlier read).
+            start = time.perf_counter()
+            engine.to_device(engine.read_adapter(path, known_sha256=(first.fingerprint, first.sha256)))
+            sync(engine)
+            known_times.append((time.perf_counter() - start) * 1000)
         results[f"cold load rank {rank} (ms)"] = sorted(times)[len(times) // 2]
+        results[f"cold load rank {rank}, hash known (ms)"] = sorted(known_times)[len(known_times) // 2]
     path = lora_root / f"ops-r{ranks[0]}-0" / "style.safetensors"
     for count in resident_counts:
         keys = [f"resident-{i}" for i in range(count)]
