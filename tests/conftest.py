@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,6 +81,20 @@ def pixels(png: bytes) -> np.ndarray:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def count_reader_hashes(monkeypatch) -> list[int]:
+    """Record the size of every buffer the service's LoRA reader hashes (it hashes the bytes it read)."""
+    from app.engine import lora_weights
+
+    sizes: list[int] = []
+
+    def sha256(data):
+        sizes.append(len(data))
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(lora_weights, "hashlib", SimpleNamespace(sha256=sha256))
+    return sizes
 
 
 # ---- the model -----------------------------------------------------------------------------------

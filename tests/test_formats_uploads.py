@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import generate, png_bytes, sha256_of
+from tests.conftest import count_reader_hashes, generate, png_bytes, sha256_of
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,14 @@ def test_uploads_and_removal_need_the_admin_key(make_client, lora_root, files):
         assert c.delete("/lora/acme/versions/v1").status_code == 401
         assert c.delete("/lora/acme/versions/v1", headers=admin).status_code == 204
         assert c.get("/lora/list", headers=user).status_code == 200  # other routes keep the user key
+
+
+def test_an_uploaded_version_is_not_hashed_again_by_its_first_request(make_client, lora_root, files, monkeypatch):
+    with make_client(lora_root) as c:
+        uploaded = upload(c, "hashed", files["good"])
+        hashes = count_reader_hashes(monkeypatch)  # from here: the service reading the new version
+        body = generate(c, brand_id="hashed")
+
+    assert uploaded.status_code == 201
+    assert body["loras"][0]["sha256"] == uploaded.json()["sha256"] == sha256_of(files["good"])
+    assert hashes == []  # the digest the upload computed while streaming was handed over

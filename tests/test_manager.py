@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from app.engine import lora_weights
-from tests.conftest import generate, png_bytes, sha256_of, small_request
+from tests.conftest import count_reader_hashes, generate, png_bytes, sha256_of, small_request
 
 
 def stats(client) -> dict:
@@ -35,18 +32,6 @@ def count_engine_reads(monkeypatch, client) -> list[str]:
 
     monkeypatch.setattr(engine, "read_adapter", counting)
     return calls
-
-
-def count_reader_hashes(monkeypatch) -> list[int]:
-    """Record the size of every buffer the LoRA reader hashes (it hashes the bytes it read)."""
-    sizes: list[int] = []
-
-    def sha256(data):
-        sizes.append(len(data))
-        return hashlib.sha256(data)
-
-    monkeypatch.setattr(lora_weights, "hashlib", SimpleNamespace(sha256=sha256))
-    return sizes
 
 
 @pytest.fixture

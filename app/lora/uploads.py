@@ -36,8 +36,10 @@ from app.lora.registry import (
     METADATA_MAX_BYTES,
     METADATA_NAME,
     VERSION_PATTERN,
+    Fingerprint,
     LoraRegistry,
     UnsafeLoraPath,
+    fingerprint_of,
     validate_lora_id,
 )
 from app.lora.safetensors_header import InvalidLoraFile, read_lora_header
@@ -75,6 +77,7 @@ class UploadResult:
     size_bytes: int
     format: str
     rank: int | None
+    fingerprint: Fingerprint  # of the published file: the version `sha256` is the hash of
 
 
 def validate_version(version: str) -> str:
@@ -108,6 +111,7 @@ class PendingUpload:
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
+        self.fingerprint: Fingerprint | None = None  # set by close()
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -118,10 +122,11 @@ class PendingUpload:
         self._file.write(data)
 
     def close(self) -> str:
-        """Flush to disk; returns the sha256."""
+        """Flush to disk; returns the sha256 (of the bytes whose fingerprint is `self.fingerprint`)."""
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self.fingerprint = fingerprint_of(os.fstat(self._file.fileno()))  # kept by the rename that publishes it
             self._file.close()
         return self._hash.hexdigest()
 
@@ -215,6 +220,7 @@ class LoraUploads:
             size_bytes=pending.size,
             format=header.format,
             rank=header.rank,
+            fingerprint=pending.fingerprint,
         )
 
     def exists(self, brand_id: str, version: str) -> bool:

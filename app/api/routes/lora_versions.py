@@ -73,6 +73,10 @@ async def upload_version(brand_id: BrandPath, request: Request, loras: LorasDep)
     result = await _receive(brand_id, request, _uploads(loras))
     # A flat 'default' file of this brand is shadowed now (version folders win): drop it from the cache.
     loras.cache.remove(brand_id)
+    # The upload hashed the bytes as they streamed in: its first request does not hash them again.
+    published = loras.registry.resolve(brand_id, result.version)
+    if published is not None:
+        loras.facts.record_sha256(published, result.fingerprint, result.sha256)
     return JSONResponse(status_code=201, content=UploadPublic(**vars(result)).model_dump())
 
 
