@@ -67,6 +67,7 @@ class Row:
     position: int = 0
     last: list[LoraSpec] | None = None
     wall_s: float = 0.0  # wall time of the timed blocks: throughput = requests / wall_s
+    block_rps: list[float] = field(default_factory=list)  # each round's block: requests / its wall time
 
     def take(self) -> list[LoraSpec]:
         loras = self.next_loras(self.position)
@@ -237,7 +238,9 @@ def run_rows(
             else:
                 for _ in range(n):
                     row.samples.append(one(row, row.take()))
-            row.wall_s += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            row.wall_s += elapsed
+            row.block_rps.append(n / elapsed)
             row.peak_rss = max(row.peak_rss, rss_bytes())
             gpu = gpu_peak_bytes(engine)
             if gpu is not None:

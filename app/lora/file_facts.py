@@ -3,7 +3,7 @@
 One memo for everything derived from a file's bytes: its sha256, its header facts (or why the header
 is refused) and why it failed to load, if it did. An entry is valid while the file's fingerprint
 (size, mtime, inode) is unchanged, so a replaced file is hashed and checked again, once. Each version
-is hashed once: by the start-up pass (`learn`), a listing, or the loader's first read (`record_sha256`);
+is hashed once: by the start-up pass (`learn`), a listing, an upload, or the loader's first read (`record_sha256`);
 a later read of the same version skips the hash.
 """
 
