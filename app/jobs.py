@@ -79,9 +79,11 @@ class GenerationJob:
         return (s.width, s.height, s.num_inference_steps, s.guidance_scale, s.scheduler)
 
     @property
-    def merge_signature(self) -> tuple[tuple[str, float], ...]:
-        """What merged weights would hold for this job: its non-zero adapters and their weights, by key."""
-        return tuple(sorted((a.key, a.weight) for a in self.adapters if a.weight != 0.0))
+    def merge_signature(self) -> tuple[tuple[str, int, float], ...]:
+        """What merged weights would hold for this job: its non-zero adapters (key, weights object, weight),
+        by key. The object, not only the key: a file replaced between two requests gives two sets. Only
+        compared between live jobs (which hold their weights), so an id cannot be reused meanwhile."""
+        return tuple(sorted((a.key, id(a.weights), a.weight) for a in self.adapters if a.weight != 0.0))
 
     @property
     def lora_set_key(self) -> str:

@@ -25,8 +25,11 @@ ONE_LEVEL = 1 / 255
 # ---- the queue's choice of batches (a scripted worker, no model) ----------------------------------------
 
 
+WEIGHTS: dict[str, object] = {}  # one resident weights object per LoRA, as the LoRA manager hands out
+
+
 def job(name: str, lora: str | None = None, size: int = 64) -> GenerationJob:
-    adapters = (ActiveAdapter(lora, object(), 0.8),) if lora else ()
+    adapters = (ActiveAdapter(lora, WEIGHTS.setdefault(lora, object()), 0.8),) if lora else ()
     return GenerationJob(GenerationSpec(name, None, size, size, 2, 7.5, 0), adapters)
 
 
@@ -198,6 +201,17 @@ def test_a_mixed_batch_equals_the_single_images(engine, adapters):
     for single, result in zip(singles, batched, strict=True):
         assert np.abs(single - result.image).max() <= ONE_LEVEL
     np.testing.assert_array_equal(base_again, singles[2])  # the base weights came back after the batch
+
+
+def test_two_versions_of_a_file_under_one_key_are_two_sets_in_a_batch(engine, adapters):
+    # The file behind key "acme" was replaced between two requests: each image keeps the weights it acquired.
+    jobs = [GenerationJob(spec(PROMPT, 31 + i), (ActiveAdapter("acme", adapters[name], 0.8),)) for i, name in
+            enumerate("ab")]  # fmt: skip
+
+    singles, batched = singles_and_batch(engine, jobs)
+
+    for single, result in zip(singles, batched, strict=True):
+        assert np.abs(single - result.image).max() <= ONE_LEVEL
 
 
 def test_lora_b_biases_are_applied_alike_merged_and_per_image(engine, make_lora, tmp_path, adapters):

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.engine.lora_weights import LoraLayer
+from app.engine.merge import Target
 from app.jobs import ActiveAdapter
-
-Target = tuple[str, str]
 
 
 @contextmanager
