@@ -350,6 +350,16 @@ class AbResultsPublic(BaseModel):
     count: int
 
 
+
+class UiDefaults(BaseModel):
+    """The A/B page's starting values (GET /ui/defaults)."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    maxima: dict[str, int] = Field(description="the configured maximum of each bounded field (MAX_WIDTH, ...)")
+
+
 def show_configured_maxima(app: FastAPI, settings: Settings) -> None:
     """Give every request field bounded by a setting (`Settings.request_maxima`) that setting's value as its
     `maximum` in /openapi.json, wherever the field appears (/generate, /ab-test, /v1/images/generations)."""
