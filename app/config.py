@@ -138,6 +138,16 @@ class Settings(BaseSettings):
     def uses_embedded_model(self) -> bool:
         return self.model_id == EMBEDDED_MODEL_ID
 
+    @property
+    def request_maxima(self) -> dict[str, tuple[str, int]]:
+        """Each bounded request field -> (the setting that bounds it, its value): the one bound of that field,
+        checked by the service and shown as `maximum` in the OpenAPI schema."""
+        return {
+            "width": ("MAX_WIDTH", self.max_width),
+            "height": ("MAX_HEIGHT", self.max_height),
+            "num_inference_steps": ("MAX_STEPS", self.max_steps),
+        }
+
 
 def load_settings() -> Settings:
     """Read the settings, or stop with a message that names each bad variable (every entry point uses this)."""

@@ -16,6 +16,7 @@ from app import __version__
 from app.api.errors import add_error_handlers
 from app.api.routes import ab, generate, health, lora, lora_versions, openai_images, train
 from app.api.routes import metrics as metrics_routes
+from app.api.schemas import show_configured_maxima
 from app.api.security import AuthMiddleware
 from app.config import Settings, load_settings
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, ServiceMetrics, configure_logging
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)
+    show_configured_maxima(app, settings)
     return app
 
 

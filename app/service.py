@@ -19,10 +19,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import InvalidRequest
-from app.infotext import PNG_TEXT_KEY, build_infotext
+from app.infotext import PNG_TEXT_KEY, build_infotext, prompt_with_lora_tags
 from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
 from app.lora.manager import AcquiredLoras, LoraManager
+from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
+from app.prompt_tags import InvalidPromptTag, parse_prompt_tags
 from app.queueing import GenerationQueue
 
 Disconnected = Callable[[], Awaitable[bool]] | None
@@ -60,22 +62,20 @@ class GenerationService:
         self.metrics = metrics
 
     def check_limits(self, width: int, height: int, steps: int, lora_count: int) -> None:
+        """The request bounds, checked here only (the schema leaves them to the settings): one message per field."""
         s = self.settings
-        if width > s.max_width:
-            raise InvalidRequest("width", f"width {width} is above the maximum of {s.max_width}")
-        if height > s.max_height:
-            raise InvalidRequest("height", f"height {height} is above the maximum of {s.max_height}")
+        values = {"width": width, "height": height, "num_inference_steps": steps}
+        for name, (setting, maximum) in s.request_maxima.items():
+            if values[name] > maximum:
+                raise InvalidRequest(name, f"{name} {values[name]} is above the maximum of {maximum} ({setting})")
         if width * height > s.max_pixels:
             raise InvalidRequest(
-                "width", f"width x height = {width * height} pixels is above the maximum of {s.max_pixels}"
-            )
-        if steps > s.max_steps:
-            raise InvalidRequest(
-                "num_inference_steps", f"num_inference_steps {steps} is above the maximum of {s.max_steps}"
+                "width", f"width x height = {width * height} pixels is above the maximum of {s.max_pixels} (MAX_PIXELS)"
             )
         if lora_count > s.lora_max_per_request:
             raise InvalidRequest(
-                "lora_configs", f"{lora_count} LoRAs requested; at most {s.lora_max_per_request} per request"
+                "lora_configs",
+                f"{lora_count} LoRAs requested; at most {s.lora_max_per_request} per request (LORA_MAX_PER_REQUEST)",
             )
 
     async def generate(
@@ -143,9 +143,17 @@ def draw_seed() -> int:
 
 
 def generation_infotext(spec: GenerationSpec, applied: list[AppliedLora], model_id: str) -> str:
-    """The PNG's `parameters` text (AUTOMATIC1111's layout, see app/infotext.py)."""
+    """The PNG's `parameters` text (AUTOMATIC1111's layout, see app/infotext.py).
+
+    Its prompt reproduces the image: the client's prompt, then a `<lora:NAME:WEIGHT>` tag for each LoRA
+    applied from `brand_id` / `lora_configs` (the prompt's own tags are there already, once).
+    """
+    # A LoRA at weight 0 leaves the pixels as the base model's, so it is not listed (same PNG as base).
+    used = [a for a in applied if a.weight != 0.0]
+    prompt = spec.prompt_as_sent if spec.prompt_as_sent is not None else spec.prompt
+    tags = [(lora_name(a), a.weight) for a in loras_outside_the_prompt(prompt, used)]
     return build_infotext(
-        prompt=spec.prompt_as_sent if spec.prompt_as_sent is not None else spec.prompt,
+        prompt=prompt_with_lora_tags(prompt, tags),
         negative_prompt=spec.negative_prompt,
         steps=spec.num_inference_steps,
         scheduler=spec.scheduler,
@@ -154,9 +162,29 @@ def generation_infotext(spec: GenerationSpec, applied: list[AppliedLora], model_
         width=spec.width,
         height=spec.height,
         model_id=model_id,
-        # A LoRA at weight 0 leaves the pixels as the base model's, so it is not listed (same PNG as base).
-        loras=[(a.brand_id, a.sha256) for a in applied if a.weight != 0.0],
+        loras=[(a.brand_id, a.sha256) for a in used],
     )
+
+
+def lora_name(applied: AppliedLora) -> str:
+    """A tag's NAME for the file that was applied: `brand@vN`, pinned, or `brand` for an unversioned brand."""
+    return applied.brand_id if applied.version == DEFAULT_VERSION else f"{applied.brand_id}@{applied.version}"
+
+
+def loras_outside_the_prompt(prompt: str, applied: list[AppliedLora]) -> list[AppliedLora]:
+    """The applied LoRAs that no `<lora:...>` tag of `prompt` stands for (each tag stands for one)."""
+    try:
+        _, tags = parse_prompt_tags(prompt)
+    except InvalidPromptTag:  # the routes refuse such prompts; a prompt not read for tags has none
+        tags = []
+    left = list(applied)
+    for tag in tags:
+        # Tags come after brand_id / lora_configs in a request's set: match from the end.
+        for lora in reversed(left):
+            if lora.brand_id == tag.brand_id and tag.version in (None, lora.version) and lora.weight == tag.weight:
+                left.remove(lora)
+                break
+    return left
 
 
 def encode_png(image, infotext: str | None = None) -> bytes:

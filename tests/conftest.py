@@ -276,7 +276,7 @@ def expected_png(engine) -> Callable[..., bytes]:
 
     Results are memoised by the file's sha256, so files with the same bytes share one rendering.
     """
-    from app.infotext import build_infotext
+    from app.infotext import build_infotext, prompt_with_lora_tags
     from app.jobs import ActiveAdapter
     from app.service import encode_png
 
@@ -285,21 +285,30 @@ def expected_png(engine) -> Callable[..., bytes]:
     def expected(lora_path: Path | None = None, weight: float = 0.8, seed: int = 7) -> bytes:
         digest = sha256_of(lora_path) if lora_path is not None else None
         brand = lora_brand(lora_path) if lora_path is not None else None
-        key = (digest, brand, weight if digest else None, seed)
+        key = (digest, lora_path and lora_tag_name(lora_path), weight if digest else None, seed)
         if key not in rendered:
             adapters = []
             if lora_path is not None:
                 adapters = [ActiveAdapter(f"expected-{digest[:16]}", engine.load_adapter(Path(lora_path)), weight)]
-            # The service writes A1111's infotext into every PNG (MODEL_ID=tiny, the model's own PNDM).
+            # The service writes A1111's infotext into every PNG (MODEL_ID=tiny, the model's own PNDM), the
+            # request's LoRA as a tag after the prompt.
+            applied = digest is not None and weight != 0.0
             infotext = build_infotext(
-                prompt=PROMPT, negative_prompt=None, steps=STEPS, scheduler="pndm", guidance_scale=GUIDANCE,
+                prompt=prompt_with_lora_tags(PROMPT, [(lora_tag_name(lora_path), weight)] if applied else []),
+                negative_prompt=None, steps=STEPS, scheduler="pndm", guidance_scale=GUIDANCE,
                 seed=seed, width=SIZE, height=SIZE, model_id="tiny",
-                loras=[(brand, digest)] if digest and weight != 0.0 else [],
+                loras=[(brand, digest)] if applied else [],
             )  # fmt: skip
             rendered[key] = encode_png(render(engine, spec(seed), adapters, output_type="pil"), infotext)
         return rendered[key]
 
     return expected
+
+
+def lora_tag_name(path: Path) -> str:
+    """The infotext's tag NAME for `<root>/<brand>/[vN/]file.safetensors`: `brand@vN` or `brand`."""
+    parent = Path(path).parent
+    return f"{parent.parent.name}@{parent.name}" if re.fullmatch(r"v\d+", parent.name) else parent.name
 
 
 def lora_brand(path: Path) -> str:

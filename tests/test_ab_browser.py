@@ -77,6 +77,11 @@ def test_run_a_grid_and_record_a_choice(server, browser):
     wait = WebDriverWait(browser, TEST_RUN_S)
     browser.get(f"{server}/ui")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#axes .axis")) == 2)
+    wait.until(lambda d: d.find_element(By.ID, "ab-form").get_attribute("data-defaults") == "loaded")
+    # The form starts from sizes the embedded model serves quickly (GET /ui/defaults), not 512 x 20 steps.
+    starting = {name: browser.find_element(By.ID, name).get_attribute("value") for name in ("width", "height", "steps")}
+    assert starting == {"width": "64", "height": "64", "steps": "10"}
+    assert browser.find_element(By.ID, "width").get_attribute("max") == "1024"
     axes = browser.find_elements(By.CSS_SELECTOR, "#axes .axis")
     for axis, (brand, weights) in zip(axes, [("acme", "0.2, 0.8"), ("globex", "0, 0.5")], strict=True):
         pick_brand(axis, brand)

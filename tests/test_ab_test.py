@@ -270,6 +270,38 @@ def test_ui_page_is_served(client):
     assert "/ab-test" in page.text and "/lora/list" in page.text and "<script" in page.text
 
 
+def test_the_page_starts_from_small_sizes_on_the_embedded_model(client):
+    defaults = client.get("/ui/defaults")
+
+    assert defaults.status_code == 200
+    # The embedded model's images mean nothing at any size: the smallest quick ones, not SD 1.5's 512 x 20 steps.
+    assert defaults.json() == {
+        "width": 64, "height": 64, "num_inference_steps": 10,
+        "maxima": {"width": 1024, "height": 1024, "num_inference_steps": 100},
+    }  # fmt: skip
+    page = client.get("/ui").text
+    assert "/ui/defaults" in page
+
+
+def test_the_page_starts_from_a_real_models_native_size_within_the_limits(model_dir, tmp_path):
+    settings = ab_settings(
+        tmp_path / "loras", tmp_path / "data", model_id=str(model_dir),  # a model folder: not "the embedded model"
+        max_width=384, max_steps=12, max_pixels=384 * 256, api_key="user-key",
+    )  # fmt: skip
+    app = create_app(settings)
+    with TestClient(app) as c:
+        state = app.state.service_state
+        assert state.wait_ready(120), state.load_error
+        assert state.engine.native_size == 512  # SD 1.5's layout: 64 latents x 8
+        defaults = c.get("/ui/defaults")  # no key: the page loads it before anyone types one
+
+    assert defaults.status_code == 200, defaults.text
+    d = defaults.json()
+    assert d["maxima"] == {"width": 384, "height": 512 * 2, "num_inference_steps": 12}
+    assert d["num_inference_steps"] == 12 and d["width"] <= 384 and d["width"] * d["height"] <= 384 * 256
+    assert d["width"] % 8 == 0 and d["height"] % 8 == 0 and min(d["width"], d["height"]) >= 64
+
+
 # ---- the queue: other requests interleave between variants ---------------------------------------
 
 

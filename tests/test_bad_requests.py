@@ -85,7 +85,7 @@ BAD_REQUESTS = [
     Bad("width above MAX_WIDTH", "width", good(width=512)),
     Bad("height above MAX_HEIGHT", "height", good(height=264)),
     Bad("width*height above MAX_PIXELS", "pixels", good(width=256, height=256)),
-    Bad("width above the schema's 4096", "width", good(width=8192)),
+    Bad("width far above MAX_WIDTH", "maximum of 256 (MAX_WIDTH)", good(width=8192)),
     # steps, guidance, seed
     Bad("steps 0", "num_inference_steps", good(num_inference_steps=0)),
     Bad("steps above MAX_STEPS", "num_inference_steps", good(num_inference_steps=11)),
@@ -111,9 +111,9 @@ BAD_REQUESTS = [
     Bad("misspelt field", "num_steps", good(num_steps=2)),
     # body shape
     Bad("malformed JSON", "JSON", raw=b'{"prompt": "x", '),
-    Bad("JSON array body", "dictionary", raw=b'[{"prompt": "x"}]'),
-    Bad("JSON string body", "dictionary", raw=b'"a red cup"'),
-    Bad("JSON null body", "dictionary", raw=b"null"),
+    Bad("JSON array body", "array, not an object", raw=b'[{"prompt": "x"}]'),
+    Bad("JSON string body", "string, not an object", raw=b'"a red cup"'),
+    Bad("JSON null body", "null, not an object", raw=b"null"),
     Bad("empty body", "body", raw=b""),
     Bad("wrong content type", "body", raw=json.dumps(GOOD).encode(), headers={"content-type": "text/plain"}),
     Bad("form-encoded body", "body", raw=b"prompt=a", headers={"content-type": "application/x-www-form-urlencoded"}),
@@ -151,8 +151,12 @@ BAD_REQUESTS = [
     Bad("cache clear with GET", "Method", method="GET", path="/lora/cache/clear", status=405),
     Bad("generate with GET", "Method", method="GET", path="/generate", status=405),
     Bad("ab-test with neither variants nor grid", "variants", {"prompt": "x"}, path="/ab-test"),
-    Bad("ab-test grid weight above 1", "weights", {"prompt": "x", "grid": [{"brand_id": "acme", "weights": [2]}]},
-        path="/ab-test"),
+    Bad(
+        "ab-test grid weight above 1",
+        "weights",
+        {"prompt": "x", "grid": [{"brand_id": "acme", "weights": [2]}]},
+        path="/ab-test",
+    ),
     Bad("ab choice variant -1", "variant", {"variant": -1}, path="/ab-test/abc/choice"),
     Bad("ab choice for an unknown test", "abc", {"variant": 0}, path="/ab-test/abc/choice", status=404),
     Bad("ab-results of a bad brand", "brand_id", method="GET", path="/lora/..a/ab-results"),
@@ -236,3 +240,87 @@ def test_good_requests_still_succeed_and_nothing_was_a_server_error(client: Test
     ]
     assert statuses and not [s for s in statuses if s.startswith("5")], statuses
     assert len(BAD_REQUESTS) >= 30
+
+
+# ---- one bound per field: the configured one, in the message and in the schema ----------------------
+
+BOUNDED = {"width": ("MAX_WIDTH", 256), "height": ("MAX_HEIGHT", 256), "num_inference_steps": ("MAX_STEPS", 10)}
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+@pytest.mark.parametrize("path", ["/generate", "/ab-test"])
+def test_a_field_above_its_setting_gets_the_configured_maximum_however_far_above(client: TestClient, name, path):
+    setting, maximum = BOUNDED[name]
+    extra = {"grid": [{"brand_id": "acme", "weights": [0.5]}]} if path == "/ab-test" else {}
+    # Just above, and far above any size a model could serve: one bound, one message.
+    for value in (maximum + 8, 100_000):
+        r = client.post(path, json={**good(**{name: value}), **extra})
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", name]
+        assert error["msg"] == f"{name} {value} is above the maximum of {maximum} ({setting})"
+
+
+def test_openai_endpoint_gives_the_same_configured_maxima(client: TestClient):
+    for body, param, message in [
+        ({"size": "99992x64"}, "size", "width 99992 is above the maximum of 256 (MAX_WIDTH)"),
+        ({"size": "64x264"}, "size", "height 264 is above the maximum of 256 (MAX_HEIGHT)"),
+        (
+            {"num_inference_steps": 10_000},
+            "num_inference_steps",
+            "num_inference_steps 10000 is above the maximum of 10 ",
+        ),
+        ({"num_inference_steps": 11}, "num_inference_steps", "num_inference_steps 11 is above the maximum of 10 "),
+    ]:
+        r = client.post("/v1/images/generations", json={"prompt": "a red coffee cup", "size": "64x64", **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"].startswith(message), r.text
+
+
+def test_openapi_schema_gives_the_configured_maxima(client: TestClient):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    openai_body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
+    bodies = {
+        "GenerateRequest": components["GenerateRequest"]["properties"],
+        "AbTestRequest": components["AbTestRequest"]["properties"],
+        "OpenAIImagesRequest": openai_body["schema"]["properties"],
+    }
+    for body, properties in bodies.items():
+        for name, (setting, maximum) in BOUNDED.items():
+            if name in properties:
+                assert properties[name]["maximum"] == maximum, (body, name, properties[name])
+                assert setting in properties[name]["description"]
+    assert "num_inference_steps" in bodies["OpenAIImagesRequest"]
+    assert "at most 256 (MAX_WIDTH)" in bodies["OpenAIImagesRequest"]["size"]["description"]
+
+
+# ---- a body that is not a JSON object: say to send application/json ---------------------------------
+
+NOT_JSON = [
+    ("JSON without a content type", json.dumps(GOOD).encode(), {}, "no Content-Type header"),
+    ("JSON as text/plain", json.dumps(GOOD).encode(), {"content-type": "text/plain"}, "Content-Type is 'text/plain'"),
+    ("form-encoded", b"prompt=a", {"content-type": "application/x-www-form-urlencoded"}, "x-www-form-urlencoded"),
+    ("malformed JSON", b'{"prompt": "x", ', JSON, "not valid JSON (Expecting property name"),
+    ("not JSON at all", b"a red cup", JSON, "not valid JSON"),
+    ("a JSON array", b'[{"prompt": "x"}]', JSON, "the body is an array, not an object"),
+    ("an empty body", b"", JSON, "the body is empty"),
+]
+
+
+@pytest.mark.parametrize("raw, headers, problem", [case[1:] for case in NOT_JSON], ids=[case[0] for case in NOT_JSON])
+@pytest.mark.parametrize("path", ["/generate", "/ab-test"])
+def test_a_body_that_is_not_a_json_object_is_told_to_send_application_json(client, path, raw, headers, problem):
+    r = client.post(path, content=raw, headers=headers)
+
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body"]
+    assert "application/json" in error["msg"] and problem in error["msg"], error["msg"]
+    assert "dictionary" not in error["msg"] and "JSON decode error" not in error["msg"]
+
+
+def test_openai_endpoint_also_says_to_send_application_json(client: TestClient):
+    for raw in (b"prompt=a", b"[1]"):
+        r = client.post("/v1/images/generations", content=raw)
+        assert r.status_code == 400 and "application/json" in r.json()["error"]["message"], r.text

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.infotext import build_infotext, model_name, quote
+from app.infotext import build_infotext, lora_tag, model_name, parse_infotext, quote
 from app.prompt_tags import InvalidPromptTag, parse_prompt_tags
 from app.service import encode_png
 from tests.conftest import GUIDANCE, SIZE, STEPS, generate, pixels, png_bytes, sha256_of, small_request
@@ -196,7 +196,7 @@ def test_infotext_in_a1111_layout_with_lora_hashes(api, brands):
 
     acme, globex = sha256_of(brands["acme"])[:10], sha256_of(brands["globex-v1"])[:10]
     assert infotext(body) == (
-        "a red coffee cup <lora:acme:0.6>\n"
+        "a red coffee cup <lora:acme:0.6> <lora:globex@v1:0.4>\n"
         "Negative prompt: blurry, dark\n"
         f'Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: tiny, '
         f'Lora hashes: "globex: {globex}, acme: {acme}"'
@@ -248,3 +248,60 @@ def test_model_name_and_quoting(tmp_path):
 def test_weight_zero_lora_is_not_listed(api):
     body = generate(api, seed=7, brand_id="acme", lora_weights=0.0)
     assert "Lora hashes" not in infotext(body)
+
+
+# ---- the infotext reproduces the image ------------------------------------------------------------
+
+
+def test_lora_configs_appear_as_tags_once_each(api):
+    body = generate(
+        api, prompt="a red coffee cup <lora:acme:0.6>", seed=8,
+        lora_configs=[{"brand_id": "globex", "weight": 0.3}, {"brand_id": "globex", "version": "v1", "weight": 0.2}],
+    )  # fmt: skip
+
+    # The prompt's own tag stays as written, once; the configs follow, each pinned to the file applied.
+    assert infotext(body).split("\n")[0] == "a red coffee cup <lora:acme:0.6> <lora:globex@v2:0.3> <lora:globex@v1:0.2>"
+
+
+@pytest.mark.parametrize("fields", [
+    dict(brand_id="globex", lora_weights=0.45),
+    dict(lora_configs=[{"brand_id": "acme", "weight": 0.7}, {"brand_id": "globex", "version": "v1", "weight": 0.35}]),
+    dict(prompt="a cup,\n<lora:acme:0.25> on a table", negative_prompt="blurry, dark: \"x\"", scheduler="euler_a",
+         guidance_scale=6.5, brand_id="globex", version="v2", lora_weights=0.1234567),
+], ids=["brand_id", "lora_configs", "tags-and-brand_id"])  # fmt: skip
+def test_the_infotext_read_back_is_a_request_for_the_same_image(api, fields):
+    first = generate(api, seed=12, **fields)
+
+    request = parse_infotext(infotext(first)).generate_request()
+    again = api.post("/generate", json=request)
+
+    assert again.status_code == 200, again.text
+    assert first["loras"] and {lora["sha256"] for lora in again.json()["loras"]} == {
+        lora["sha256"] for lora in first["loras"]
+    }
+    np.testing.assert_array_equal(pixels(png_bytes(again.json()["image"])), pixels(png_bytes(first["image"])))
+
+
+def test_parse_infotext_reads_what_build_infotext_writes():
+    text = build_infotext(
+        prompt="line one, with: colons\nline two <lora:acme:0.5>", negative_prompt="bad, \"quoted\"\nsecond",
+        steps=3, scheduler="dpmpp_2m_karras", guidance_scale=7.25, seed=99, width=64, height=128,
+        model_id="tiny", loras=[("acme", "0123456789abcdef")],
+    )  # fmt: skip
+    parsed = parse_infotext(text)
+
+    assert parsed.prompt == "line one, with: colons\nline two <lora:acme:0.5>"
+    assert parsed.negative_prompt == 'bad, "quoted"\nsecond'
+    assert parsed.fields["Lora hashes"] == "acme: 0123456789"
+    assert parsed.generate_request() == {
+        "prompt": "line one, with: colons\nline two <lora:acme:0.5>", "negative_prompt": 'bad, "quoted"\nsecond',
+        "width": 64, "height": 128, "num_inference_steps": 3, "guidance_scale": 7.25, "seed": 99,
+        "scheduler": "dpmpp_2m_karras",
+    }  # fmt: skip
+
+
+def test_lora_tag_weights_read_back_as_the_same_float():
+    for weight in (1.0, 0.0, 0.5, 0.1 + 0.2, 0.1234567, 1e-05):
+        _, [tag] = parse_prompt_tags(lora_tag("acme", weight))
+        assert tag.weight == weight
+    assert lora_tag("acme", 1.0) == "<lora:acme:1>" and lora_tag("acme", 0.7) == "<lora:acme:0.7>"

@@ -273,3 +273,31 @@ def test_brands_on_disk_are_hashed_at_start_up_not_on_their_first_miss(
     for brand, reply in replies.items():
         assert reply["loras"][0]["sha256"] == sha256_of(three_brands[brand])
         assert png_bytes(reply["image"]) == expected_png(three_brands[brand], 0.8)
+
+
+def test_strict_refusal_of_a_missing_brand_says_what_happened_and_what_exists(make_client, lora_root, three_brands):
+    version_dir = lora_root / "versioned" / "v1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "style.safetensors").write_bytes(three_brands["a"].read_bytes())
+    with make_client(lora_root) as c:
+        missing = c.post("/generate", json=small_request(brand_id="nobody", strict=True))
+        no_version = c.post("/generate", json=small_request(brand_id="versioned", version="v7", strict=True))
+        fallback = generate(c, brand_id="nobody")
+
+    assert missing.status_code == no_version.status_code == 422
+    [error] = missing.json()["detail"]
+    assert error["loc"] == ["body", "brand_id"]
+    assert error["msg"] == (
+        "LoRA 'nobody' cannot be applied: brand 'nobody' has no LoRA file; available brands: a, b, c, versioned; "
+        "strict=true refuses to fall back to the base model"
+    )
+    assert "generated" not in error["msg"]  # nothing was generated
+    assert no_version.json()["detail"][0]["msg"] == (
+        "LoRA 'versioned' cannot be applied: brand 'versioned' has no version 'v7'; available versions: v1; "
+        "strict=true refuses to fall back to the base model"
+    )
+    # Without strict the image is made, and then the warning says so.
+    assert fallback["warnings"] == [
+        "LoRA not found for brand_id: nobody; brand 'nobody' has no LoRA file; available brands: a, b, c, versioned; "
+        "generated with the base model"
+    ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import zipfile
 from pathlib import Path
@@ -153,6 +154,36 @@ def test_resume_continues_an_interrupted_run_exactly_and_a_second_run_is_the_nex
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume = the uninterrupted run"
     with pytest.raises(Exception, match="nothing to resume"):
         train_lora(train_settings, "acme", data, options, resume=True, samples=0)
+
+
+def test_a_run_without_resume_says_it_discards_an_earlier_runs_checkpoint(train_settings, tmp_path, caplog):
+    from app.train import train_lora
+
+    data = write_dataset(tmp_path / "data")
+    checkpoints = Path(train_settings.lora_base_dir) / ".checkpoints" / "initech"
+    options = TrainOptions(**{**OPTIONS, "steps": 4})
+
+    def stop_at(at: int):
+        def progress(step, steps, loss):
+            if step == at:
+                raise KeyboardInterrupt
+
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(train_settings, "initech", data, options, samples=0, checkpoint_every=1, progress=stop_at(2))
+    assert json.loads((checkpoints / "state.json").read_text())["step"] == 2
+    caplog.clear()
+
+    # A new run without --resume (stopped at its first step, keeping no checkpoint of its own).
+    with caplog.at_level(logging.WARNING, logger="app.train.trainer"), pytest.raises(KeyboardInterrupt):
+        train_lora(train_settings, "initech", data, options, samples=0, progress=stop_at(1))
+
+    said = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert said == ["discarding the checkpoint of an earlier interrupted run at step 2 (use --resume to continue it)"]
+    assert not checkpoints.exists()
+    with pytest.raises(Exception, match="nothing to resume"):
+        train_lora(train_settings, "initech", data, options, resume=True, samples=0)
 
 
 # ---- over HTTP ------------------------------------------------------------------------------------

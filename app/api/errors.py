@@ -92,9 +92,47 @@ async def _answer(_: Request, exc: Exception) -> JSONResponse:
     return detail_response(answer_for(exc))
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+SEND_JSON = "send the request body as a JSON object with the header Content-Type: application/json"
+# pydantic's and FastAPI's error types that are about the body as a whole (not a field, not a model rule).
+WHOLE_BODY_ERRORS = {"json_invalid", "missing", "model_attributes_type", "dict_type", "model_type"}
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+def body_problem(request: Request, error: dict) -> str | None:
+    """What is wrong with the body as a whole (not JSON, no or another content type, not an object), or None
+    when the error is about a field. FastAPI's own words ("JSON decode error", "valid dictionary") do not
+    say what to send."""
+    loc = tuple(error.get("loc", ()))
+    kind = error.get("type", "")
+    if not loc or loc[0] != "body" or kind not in WHOLE_BODY_ERRORS or (len(loc) > 1 and kind != "json_invalid"):
+        return None
+    content_type = request.headers.get("content-type")
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if not content_type:
+        problem = "the request has no Content-Type header"
+    elif media_type != "application/json" and not media_type.endswith("+json"):
+        problem = f"its Content-Type is {printable(content_type)!r}"
+    elif kind == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        problem = f"the body is not valid JSON ({printable(str(reason))}{where})"
+    elif kind == "missing":
+        problem = "the body is empty"
+    else:
+        value = error.get("input")
+        kind_of_value = "null" if value is None else JSON_KINDS.get(type(value), "a JSON value")
+        problem = f"the body is {kind_of_value}, not an object"
+    return f"{SEND_JSON}: {problem}"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail = []
     for error in exc.errors():
+        problem = body_problem(request, error)
+        if problem is not None:  # the body as a whole: one answer, nothing about fields
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": problem, "type": "body_not_json"}]}
+            )
         loc = [part if isinstance(part, int) else printable(str(part)) for part in error.get("loc", ())]
         item = {"loc": loc, "msg": printable(str(error.get("msg", ""))), "type": error.get("type", "")}
         if "input" in error and _safe_input(error["input"]) is not None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import FastAPI
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.api.prompt_loras import parse_prompt
+from app.config import Settings
 from app.jobs import GenerationSpec, LoraSpec
 from app.lora.registry import ID_PATTERN
 from app.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
@@ -57,9 +59,11 @@ class GenerationSettings(StrictModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=2000, pattern=r"\S")]
     negative_prompt: Annotated[str, Field(max_length=2000)] | None = None
-    width: Annotated[int, Field(ge=64, le=4096, multiple_of=8)] = 512
-    height: Annotated[int, Field(ge=64, le=4096, multiple_of=8)] = 512
-    num_inference_steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    # The maxima are the settings' (MAX_WIDTH, MAX_HEIGHT, MAX_STEPS): checked by the service, shown in the
+    # OpenAPI schema by `show_configured_maxima`.
+    width: Annotated[int, Field(ge=64, multiple_of=8)] = 512
+    height: Annotated[int, Field(ge=64, multiple_of=8)] = 512
+    num_inference_steps: Annotated[int, Field(ge=1)] = 20
     guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)] = 7.5
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="0..4294967295; drawn at random (and returned) when absent"
@@ -344,3 +348,49 @@ class AbResultsPublic(BaseModel):
     )
     data: list[AbTestPublic]
     count: int
+
+
+
+class UiDefaults(BaseModel):
+    """The A/B page's starting values (GET /ui/defaults)."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    maxima: dict[str, int] = Field(description="the configured maximum of each bounded field (MAX_WIDTH, ...)")
+
+
+def show_configured_maxima(app: FastAPI, settings: Settings) -> None:
+    """Give every request field bounded by a setting (`Settings.request_maxima`) that setting's value as its
+    `maximum` in /openapi.json, wherever the field appears (/generate, /ab-test, /v1/images/generations)."""
+    maxima = settings.request_maxima
+    size_note = (
+        f"width at most {settings.max_width} (MAX_WIDTH), height at most {settings.max_height} (MAX_HEIGHT), "
+        f"width x height at most {settings.max_pixels} (MAX_PIXELS)"
+    )
+    default_openapi = app.openapi
+
+    def mark(node) -> None:
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            if isinstance(properties, dict):
+                for name, (setting, maximum) in maxima.items():
+                    if isinstance(properties.get(name), dict) and properties[name].get("type") == "integer":
+                        properties[name]["maximum"] = maximum
+                        properties[name]["description"] = f"at most {maximum} ({setting})"
+                if isinstance(properties.get("size"), dict) and properties["size"].get("type") == "string":
+                    properties["size"]["description"] = f"'WxH', e.g. '512x512'; {size_note}"
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    def openapi() -> dict:
+        first = app.openapi_schema is None
+        schema = default_openapi()
+        if first:
+            mark(schema)
+        return schema
+
+    app.openapi = openapi

@@ -18,8 +18,8 @@ from app.lora.uploads import TRAIN_JOB_PATH, TRAIN_PATH, UPLOAD_PATH, VERSION_PA
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
-# The A/B page is static HTML with no data in it; the API calls it makes carry the key.
-PUBLIC_PAGES = frozenset({"/ui"})
+# The A/B page is static HTML with no data in it, and its starting sizes; the API calls it makes carry the key.
+PUBLIC_PAGES = frozenset({"/ui", "/ui/defaults"})
 ADMIN_ROUTES = frozenset({("POST", "/lora/cache/clear"), ("GET", "/train/jobs")})
 # admin routes with path parameters, matched by method + pattern (uploads, removal, training jobs).
 ADMIN_ROUTE_PATTERNS = (

@@ -140,6 +140,11 @@ class DiffusionEngine:
         logger.info("compiled the UNet in %.1f s (%s)", seconds, compiled_graphs())
         return seconds
 
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (SD 1.5: 512): the UNet's latent size times the VAE's factor."""
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
     def compile_stats(self) -> dict | None:
         """Compilation so far: None when the UNet is not compiled. A LoRA switch must leave `graphs` alone."""
         if not self.compiled:

@@ -23,8 +23,9 @@ from app.errors import DuplicateLora, LoraUnavailable
 from app.jobs import ActiveAdapter, AppliedLora, LoraSpec
 from app.lora.cache import CacheStats, LoraCache
 from app.lora.file_facts import LoraFileFacts
-from app.lora.registry import DEFAULT_VERSION, LoraFile, LoraRegistry
+from app.lora.registry import DEFAULT_VERSION, LoraFile, LoraRegistry, UnsafeLoraPath
 
+AVAILABLE_BRANDS_SHOWN = 10  # a message names at most this many brands that exist
 logger = logging.getLogger(__name__)
 
 
@@ -133,9 +134,10 @@ class LoraManager:
             self._forget_deleted(spec)
             what = f"brand_id: {spec.brand_id}" + (f" (version {spec.version})" if spec.version else "")
             logger.warning("[LORA] LoRA not found for %s", what)
+            reason = self._not_found_reason(spec)
             if strict:
-                raise LoraUnavailable(spec.brand_id, self._not_found_reason(spec))
-            return Resolution(warning=f"LoRA not found for {what}; {self._not_found_reason(spec)}")
+                raise LoraUnavailable(spec.brand_id, f"{reason}; strict=true refuses to fall back to the base model")
+            return Resolution(warning=f"LoRA not found for {what}; {reason}; generated with the base model")
         try:
             entry, load_ms = self._resident(lora_file, count=True)
         except LoraUnavailable as exc:
@@ -161,10 +163,29 @@ class LoraManager:
                 self.remove(key)
 
     def _not_found_reason(self, spec: LoraSpec) -> str:
+        """What is missing, and what exists instead (the request's brand's versions, or other brands)."""
         versions = self.registry.versions(spec.brand_id)
         if spec.version and versions:
-            return f"available versions: {', '.join(versions)}; generated with the base model"
-        return "generated with the base model"
+            return f"brand {spec.brand_id!r} has no version {spec.version!r}; available versions: {', '.join(versions)}"
+        if versions:  # the file went away between two looks
+            return f"brand {spec.brand_id!r} has no LoRA file"
+        available = self._brands_with_files(limit=AVAILABLE_BRANDS_SHOWN)
+        shown = ", ".join(available[:AVAILABLE_BRANDS_SHOWN])
+        shown += ", ..." if len(available) > AVAILABLE_BRANDS_SHOWN else ""
+        return f"brand {spec.brand_id!r} has no LoRA file; available brands: {shown or 'none'}"
+
+    def _brands_with_files(self, limit: int) -> list[str]:
+        """Up to `limit` + 1 brand ids that have a LoRA file (one more tells the list was cut)."""
+        found = []
+        for brand_id in self.registry.brand_ids():
+            try:
+                if self.registry.versions(brand_id):
+                    found.append(brand_id)
+            except UnsafeLoraPath:
+                continue
+            if len(found) > limit:
+                break
+        return found
 
     def _resident(self, lora_file: LoraFile, count: bool) -> tuple[ResidentLora, float]:
         """The cached entry for this exact file, loading it on a miss. Returns (entry, ms spent loading)."""

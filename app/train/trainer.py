@@ -116,6 +116,8 @@ def train_lora(
     dataset = load_dataset(data_dir, max_images=max_images)
     checkpoint = Checkpoint(registry.root / CHECKPOINTS_DIR / brand_id)
     state = checkpoint.load_for(options, dataset.sha256) if resume else None
+    if not resume:
+        checkpoint.discard_earlier()
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -424,6 +426,20 @@ class Checkpoint:
         if info["step"] >= options.steps:
             raise TrainingError(f"the checkpoint is at step {info['step']}; give --steps above it to continue")
         return {"info": info, "tensors": load_file(str(self.folder / "state.safetensors"))}
+
+    def discard_earlier(self) -> None:
+        """A run that starts over drops an earlier interrupted run's checkpoint, and says so."""
+        info_file = self.folder / "state.json"
+        if not self.folder.exists():
+            return
+        try:
+            step = json.loads(info_file.read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            step = None
+        at = f" at step {step}" if step is not None else ""
+        message = f"discarding the checkpoint of an earlier interrupted run{at} (use --resume to continue it)"
+        logger.warning(message)
+        self.remove()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -15,7 +15,7 @@ from app.ab.contact_sheet import render_contact_sheet
 from app.ab.plan import AbPlan, GridAxis, plan_grid, plan_variants
 from app.ab.runner import AbOutcome, run_ab_test
 from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
-from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep
+from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep, StateDep
 from app.api.prompt_loras import plan_with_tags
 from app.api.schemas import (
     AbChoicePublic,
@@ -30,6 +30,7 @@ from app.api.schemas import (
     AppliedLoraPublic,
     LoraConfig,
     Timings,
+    UiDefaults,
 )
 from app.errors import InvalidRequest
 from app.lora.registry import ID_PATTERN
@@ -94,6 +95,31 @@ def brand_results(brand_id: BrandId, store: AbStoreDep, registry: RegistryDep) -
 @router.get("/ui", include_in_schema=False)
 def ui_page() -> FileResponse:
     return FileResponse(UI_PAGE, media_type="text/html")
+
+
+# The embedded model has random weights: its images say nothing at any size, so the page asks for the
+# smallest quick one (four variants in about a second on a CPU) instead of the SD 1.5 size.
+EMBEDDED_MODEL_DEFAULTS = {"width": 64, "height": 64, "num_inference_steps": 10}
+SD15_NATIVE_SIZE = 512  # what a model gives before it is loaded (every model served has SD 1.5's layout)
+DEFAULT_STEPS = 20
+
+
+@router.get("/ui/defaults", response_model=UiDefaults)
+def ui_defaults(state: StateDep) -> UiDefaults:
+    """The A/B page's starting values: sizes the running model serves quickly (its native size, or small ones
+    for the embedded test model), within the configured maxima, which it also gives."""
+    s = state.settings
+    if s.uses_embedded_model:
+        wanted = dict(EMBEDDED_MODEL_DEFAULTS)
+    else:
+        side = state.engine.native_size if state.engine is not None else SD15_NATIVE_SIZE
+        wanted = {"width": side, "height": side, "num_inference_steps": DEFAULT_STEPS}
+    maxima = {name: maximum for name, (_, maximum) in s.request_maxima.items()}
+    width, height = min(wanted["width"], maxima["width"]), min(wanted["height"], maxima["height"])
+    while width * height > s.max_pixels and max(width, height) > 64:  # shrink both sides to fit MAX_PIXELS
+        width, height = max(64, (width // 2) // 8 * 8), max(64, (height // 2) // 8 * 8)
+    steps = min(wanted["num_inference_steps"], maxima["num_inference_steps"])
+    return UiDefaults(width=width, height=height, num_inference_steps=steps, maxima=maxima)
 
 
 # ---- request -> plan, outcome -> record and response ----------------------------------------------

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import get_service
-from app.api.errors import answer_for
+from app.api.errors import SEND_JSON, answer_for
 from app.api.routes.generate import lora_specs
 from app.api.schemas import MAX_SEED, GenerateRequest, LoraConfig, LoraId, LoraWeight, VersionId
 from app.errors import InvalidRequest
@@ -68,7 +68,7 @@ class OpenAIImagesRequest(BaseModel):
     # The service's own fields (OpenAI clients: extra_body).
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(None, description="image i uses seed + i")
     negative_prompt: Annotated[str, Field(max_length=2000)] | None = None
-    num_inference_steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    num_inference_steps: Annotated[int, Field(ge=1)] = 20  # at most MAX_STEPS: the service checks it
     guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)] = 7.5
     scheduler: Literal[SCHEDULER_NAMES] = DEFAULT_SCHEDULER  # type: ignore[valid-type]
     brand_id: LoraId | None = None
@@ -159,9 +159,11 @@ def _parse(raw: bytes) -> OpenAIImagesRequest:
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _OpenAIError(openai_error(400, "the request body is not valid JSON", code="invalid_json")) from None
+        message = f"the request body is not valid JSON: {SEND_JSON}"
+        raise _OpenAIError(openai_error(400, message, code="invalid_json")) from None
     if not isinstance(payload, dict):
-        raise _OpenAIError(openai_error(400, "the request body must be a JSON object", code="invalid_json"))
+        message = f"the request body is not a JSON object: {SEND_JSON}"
+        raise _OpenAIError(openai_error(400, message, code="invalid_json"))
     try:
         return OpenAIImagesRequest.model_validate_json(raw)
     except ValidationError as exc:
