@@ -106,10 +106,17 @@ class Settings(BaseSettings):
     ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")
     ray_address: str = Field("", description="Ray cluster address for brand-image-serve; empty = start a local one")
 
-    # Auth: with no keys set everything is open (start-up logs a warning).
-    api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")
+    # Auth: with no keys set everything is open (start-up logs a warning). See docs/tenants.md.
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML file of brand-scoped keys (sha256, brands, roles, requests_per_minute); re-read when it "
+        "changes and on SIGHUP",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="a Bearer key with brands ['*'] and the generate role (name API_KEY in logs)"
+    )
     admin_api_key: SecretStr | None = Field(
-        None, description="Bearer key for operations that change state (cache clear, uploads, training jobs)"
+        None, description="a Bearer key with brands ['*'] and the admin role (name ADMIN_API_KEY in logs)"
     )
 
     @field_validator("model_id")
@@ -123,6 +130,20 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_key_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _blank_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_parses(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from app.access import parse_keys_file  # the one parser (also used on every reload)
+
+            parse_keys_file(value)  # KeysFileError (a ValueError) names the line
+        return value
 
     @model_validator(mode="after")
     def _device_dtype_fit(self) -> Settings:
@@ -148,4 +169,6 @@ def load_settings() -> Settings:
         for error in exc.errors():
             variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
             lines.append(f"  {variable}={error.get('input')!r}: {error['msg']}")
+        if len(lines) == 1:
+            raise SystemExit("Invalid configuration: " + lines[0].strip()) from None
         raise SystemExit("Invalid configuration:\n" + "\n".join(lines)) from None
