@@ -36,7 +36,7 @@ from pathlib import Path
 
 from app.errors import BrandForbidden, RateLimited
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("app.keyring")  # not "app.access": that is the access log
 
 ROLES = ("generate", "publish", "admin")
 # What each role grants: publish includes generate; admin includes everything, for every brand.
@@ -169,14 +169,14 @@ def parse_keys(text: str, source: str = "API_KEYS_FILE") -> list[tuple[str, Call
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise KeysFileError(f"{source} is not valid TOML: {exc}") from None
+        raise KeysFileError(f"{source}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - {"key"})
     if unknown:
         raise KeysFileError(f"{source}: unknown top-level entry {unknown[0]!r} (line {_line_of(text, unknown[0])}); "
                             "each key is a [[key]] table")  # fmt: skip
     tables = data.get("key", [])
     if not isinstance(tables, list) or not tables:
-        raise KeysFileError(f"{source} defines no [[key]] table")
+        raise KeysFileError(f"{source}: defines no [[key]] table")
     header_lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.strip().startswith("[[key]]")]
     keys: list[tuple[str, Caller]] = []
     names: set[str] = set()
@@ -226,8 +226,13 @@ def parse_keys_file(path: Path) -> list[tuple[str, Caller]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise KeysFileError(f"API_KEYS_FILE {str(path)!r} cannot be read: {exc}") from None
-    return parse_keys(text, f"API_KEYS_FILE {str(path)!r}")
+        raise KeysFileError(f"{keys_file_label(path)}: cannot be read: {exc}") from None
+    return parse_keys(text, keys_file_label(path))
+
+
+def keys_file_label(path: Path) -> str:
+    """How messages about the file start: `API_KEYS_FILE '/etc/keys.toml'`."""
+    return f"API_KEYS_FILE {str(path)!r}"
 
 
 class KeyRing:

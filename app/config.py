@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -140,9 +141,13 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_file_parses(cls, value: Path | None) -> Path | None:
         if value is not None:
-            from app.access import parse_keys_file  # the one parser (also used on every reload)
+            from app.access import KeysFileError, keys_file_label, parse_keys_file  # the parser of every reload
 
-            parse_keys_file(value)  # KeysFileError (a ValueError) names the line
+            try:
+                parse_keys_file(value)
+            except KeysFileError as exc:  # the message names the line
+                reason = str(exc).removeprefix(keys_file_label(value) + ": ")
+                raise PydanticCustomError("api_keys_file", "{reason}", {"reason": reason}) from None
         return value
 
     @model_validator(mode="after")
