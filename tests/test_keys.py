@@ -278,6 +278,92 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_starts_no_image(serve
     assert 'api_key_requests_limited_total{key="slow"}' in get(server, "/metrics", "root").text
 
 
+# ---- endpoint x role: the whole table -------------------------------------------------------------
+
+ROLE_KEYS = {"none": None, "generate": "acme-gen", "publish": "acme-pub", "admin": "root"}
+GLOBEX_GRID = {**small_request(), "grid": [{"brand_id": "globex", "weights": [0, 0.5]}]}
+OPENAI_GLOBEX = {"prompt": "a cup", "size": "64x64", "num_inference_steps": 2, "brand_id": "globex"}
+# endpoint -> (none, generate, publish, admin), as docs/tenants.md states it ("acme" is the keys' brand)
+MATRIX = {
+    "GET /health": (200, 200, 200, 200),
+    "GET /": (401, 200, 200, 200),
+    "POST /generate (base model)": (401, 200, 200, 200),
+    "POST /generate brand_id=acme": (401, 200, 200, 200),
+    "POST /generate brand_id=globex": (401, 403, 403, 200),
+    "POST /v1/images/generations brand_id=globex": (401, 403, 403, 200),
+    "POST /ab-test grid globex": (401, 403, 403, 200),
+    "GET /lora/list": (401, 200, 200, 200),
+    "GET /lora/acme/metadata": (401, 200, 200, 200),
+    "GET /lora/globex/metadata": (401, 404, 404, 200),
+    "GET /lora/globex/ab-results": (401, 404, 404, 200),
+    "GET /ab-test/{a globex test}": (401, 404, 404, 200),
+    "GET /lora/cache/stats": (401, 200, 200, 200),
+    "POST /lora/acme/versions (upload)": (401, 403, 201, 201),
+    "DELETE /lora/acme/versions/{uploaded}": (401, 403, 204, 204),
+    "POST /lora/globex/versions (upload)": (401, 403, 403, 201),
+    "POST /lora/acme/train (empty dataset)": (401, 403, 422, 422),
+    "POST /lora/globex/train (empty dataset)": (401, 403, 403, 422),
+    "GET /train/jobs": (401, 403, 200, 200),
+    "POST /lora/cache/clear": (401, 403, 403, 200),
+    "GET /metrics": (401, 403, 403, 200),
+}
+
+
+def matrix_calls(c, h, lora, empty_zip, ab_test) -> dict:
+    """Each endpoint of MATRIX as a call with the headers `h` (the delete is made after the upload)."""
+    return {
+        "GET /health": lambda: c.get("/health", headers=h),
+        "GET /": lambda: c.get("/", headers=h),
+        "POST /generate (base model)": lambda: c.post("/generate", json=small_request(), headers=h),
+        "POST /generate brand_id=acme": lambda: c.post("/generate", json=small_request(brand_id="acme"), headers=h),
+        "POST /generate brand_id=globex": lambda: c.post("/generate", json=small_request(brand_id="globex"), headers=h),
+        "POST /v1/images/generations brand_id=globex": lambda: c.post(
+            "/v1/images/generations", json=OPENAI_GLOBEX, headers=h
+        ),
+        "POST /ab-test grid globex": lambda: c.post("/ab-test", json=GLOBEX_GRID, headers=h),
+        "GET /lora/list": lambda: c.get("/lora/list", headers=h),
+        "GET /lora/acme/metadata": lambda: c.get("/lora/acme/metadata", headers=h),
+        "GET /lora/globex/metadata": lambda: c.get("/lora/globex/metadata", headers=h),
+        "GET /lora/globex/ab-results": lambda: c.get("/lora/globex/ab-results", headers=h),
+        "GET /ab-test/{a globex test}": lambda: c.get(f"/ab-test/{ab_test}", headers=h),
+        "GET /lora/cache/stats": lambda: c.get("/lora/cache/stats", headers=h),
+        "POST /lora/acme/versions (upload)": lambda: c.post("/lora/acme/versions", files=lora, headers=h),
+        "DELETE /lora/acme/versions/{uploaded}": None,
+        "POST /lora/globex/versions (upload)": lambda: c.post("/lora/globex/versions", files=lora, headers=h),
+        "POST /lora/acme/train (empty dataset)": lambda: c.post("/lora/acme/train", files=empty_zip, headers=h),
+        "POST /lora/globex/train (empty dataset)": lambda: c.post("/lora/globex/train", files=empty_zip, headers=h),
+        "GET /train/jobs": lambda: c.get("/train/jobs", headers=h),
+        "POST /lora/cache/clear": lambda: c.post("/lora/cache/clear", headers=h),
+        "GET /metrics": lambda: c.get("/metrics", headers=h),
+    }
+
+
+def test_endpoint_by_role(server):
+    ab_test = post(server, "/ab-test", "root", json=GLOBEX_GRID).json()["test_id"]
+    c = server.client
+    seen: dict[str, list[int]] = {endpoint: [] for endpoint in MATRIX}
+    for key in ROLE_KEYS.values():
+        h = auth(key) if key else {}
+        lora = {"file": ("new.safetensors", server.lora_file.read_bytes())}
+        empty_zip = {"dataset": ("d.zip", b"")}
+        calls = matrix_calls(c, h, lora, empty_zip, ab_test)
+        for endpoint, call in calls.items():
+            if call is None:
+                continue
+            r = call()
+            seen[endpoint].append(r.status_code)
+            if endpoint == "POST /lora/acme/versions (upload)":
+                version = r.json()["version"] if r.status_code == 201 else "v1"
+                seen["DELETE /lora/acme/versions/{uploaded}"].append(
+                    c.delete(f"/lora/acme/versions/{version}", headers=h).status_code
+                )
+            if endpoint == "POST /lora/globex/versions (upload)" and r.status_code == 201:
+                assert c.delete(f"/lora/globex/versions/{r.json()['version']}", headers=h).status_code == 204
+    table = "\n".join(f"| {e} | " + " | ".join(map(str, s)) + " |" for e, s in seen.items())
+    print("\n| endpoint | none | generate | publish | admin |\n|---|---|---|---|---|\n" + table)
+    assert {e: tuple(s) for e, s in seen.items()} == MATRIX
+
+
 # ---- the route table ------------------------------------------------------------------------------
 
 
