@@ -143,21 +143,32 @@ def check_brands(caller: Caller | None, loras: Iterable) -> None:
 
 
 def charge_images(caller: Caller | None, images: int) -> None:
-    """Take `images` tokens from the caller's bucket (the request's own token pays for its first image).
+    """Pay for `images` images about to start: from what the request already paid (its own token pays
+    for its first image; `prepay_images` for more), the rest from the caller's bucket.
 
     Raises RateLimited with nothing taken when the bucket has too few: no queue place, no image.
     """
+    _pay(caller, images, consume=True)
+
+
+def prepay_images(caller: Caller | None, images: int) -> None:
+    """Make sure the request has paid for `images` images before its first starts (an endpoint that
+    makes several images one by one: all of them are refused at once, or none)."""
+    _pay(caller, images, consume=False)
+
+
+def _pay(caller: Caller | None, images: int, consume: bool) -> None:
     if caller is None or caller.bucket is None or images <= 0:
         return
     quota = _request_quota.get()
-    covered = min(images, quota["credit"]) if quota is not None else 0
-    wait = caller.bucket.take(images - covered) if images > covered else 0.0
+    paid = quota["credit"] if quota is not None else 0
+    wait = caller.bucket.take(images - paid) if images > paid else 0.0
     if wait > 0:
         if quota is not None:
             quota["limited"] = True
         raise RateLimited(caller.name, caller.requests_per_minute, math.ceil(wait))
     if quota is not None:
-        quota["credit"] -= covered
+        quota["credit"] = max(paid, images) - images if consume else max(paid, images)
 
 
 class KeysFileError(ValueError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
-from app.access import charge_images, check_brands, current_caller
+from app.access import charge_images, check_brands, current_caller, prepay_images
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, build_infotext
@@ -91,11 +91,15 @@ class GenerationService:
             raise TypeError(f"{cls.__name__} overrides {', '.join(overridden)}: override _generate / _acquire "
                             "so that every image passes the caller's checks")  # fmt: skip
 
-    def admit(self, loras: Sequence[LoraSpec], images: int = 1) -> None:
-        """The caller's brands and quota, where the request's LoRA set is final (403 / 429 before any work)."""
+    def admit(self, loras: Sequence[LoraSpec], images: int = 1, prepay: bool = False) -> None:
+        """The caller's brands and quota, where the request's LoRA set is final (403 / 429 before any work).
+
+        `prepay`: only make sure `images` images are paid for (an endpoint that then calls `generate`
+        once per image, so that all are refused at once or none); each `generate` uses one of them.
+        """
         caller = current_caller.get()
         check_brands(caller, loras)
-        charge_images(caller, images)
+        (prepay_images if prepay else charge_images)(caller, images)
 
     async def generate(
         self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None

@@ -266,6 +266,11 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_starts_no_image(serve
     r = post(server, "/ab-test", "slow", json=grid)
     assert r.status_code == 429, r.text
     assert 1 <= int(r.headers["retry-after"]) <= 60
+    # 4 OpenAI images, made one by one, are paid for before the first starts: all refused at once.
+    openai = {"prompt": "a cup", "size": "64x64", "num_inference_steps": 2, "n": 4}
+    r = post(server, "/v1/images/generations", "slow", json=openai)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error", r.text
+    assert 1 <= int(r.headers["retry-after"]) <= 60
     answers = [get(server, "/lora/list", "slow") for _ in range(5)]
     statuses = [a.status_code for a in answers]
     assert 429 in statuses and set(statuses) <= {200, 429}, statuses
@@ -484,3 +489,26 @@ def test_python_m_app_keys_new_prints_the_key_once_and_a_block_the_service_accep
     assert digest == key_digest(key) and caller.name == "acme-web" and caller.brands == ("acme*",)
     assert caller.may_use("acme-shoes") and not caller.may_use("globex") and not caller.has("publish")
     assert json.dumps(caller.name) in block
+
+
+def test_a_request_pays_one_token_per_image_its_first_on_its_own_token():
+    from app.access import Caller, TokenBucket, acting_as, charge_images, prepay_images
+    from app.errors import RateLimited
+
+    now = [0.0]
+    bucket = TokenBucket(6, clock=lambda: now[0])  # 6 a minute: one token every 10 s
+    caller = Caller("k", ("*",), frozenset({"generate"}), 6, bucket=bucket)
+    assert bucket.take(1) == 0.0  # the request's own token (the middleware takes it)
+    with acting_as(caller, credit=1):
+        prepay_images(caller, 3)  # 2 more from the bucket
+        assert bucket.tokens == 3
+        for _ in range(3):
+            charge_images(caller, 1)  # paid already: the bucket is not touched
+        assert bucket.tokens == 3
+        charge_images(caller, 3)
+        assert bucket.tokens == 0
+        with pytest.raises(RateLimited) as refused:
+            charge_images(caller, 2)
+        assert refused.value.retry_after_s == 20 and bucket.tokens == 0  # nothing taken
+    now[0] = 10.0
+    assert bucket.take(1) == 0.0 and bucket.take(1) == pytest.approx(10.0)

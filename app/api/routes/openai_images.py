@@ -135,6 +135,7 @@ async def _create_images(request: Request) -> dict:
         raise InvalidRequest("seed", f"seed + n - 1 = {body.seed + body.n - 1} is above the maximum of {MAX_SEED}")
     else:
         first_seed = body.seed
+    service.admit(specs, images=body.n, prepay=True)  # all n images are paid for before the first, or none
     data = []
     for i in range(body.n):
         spec = generate.spec(first_seed + i)
