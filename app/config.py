@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -106,10 +107,17 @@ class Settings(BaseSettings):
     ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")
     ray_address: str = Field("", description="Ray cluster address for brand-image-serve; empty = start a local one")
 
-    # Auth: with no keys set everything is open (start-up logs a warning).
-    api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")
+    # Auth: with no keys set everything is open (start-up logs a warning). See docs/tenants.md.
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML file of brand-scoped keys (sha256, brands, roles, requests_per_minute); re-read when it "
+        "changes and on SIGHUP",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="a Bearer key with brands ['*'] and the generate role (name API_KEY in logs)"
+    )
     admin_api_key: SecretStr | None = Field(
-        None, description="Bearer key for operations that change state (cache clear, uploads, training jobs)"
+        None, description="a Bearer key with brands ['*'] and the admin role (name ADMIN_API_KEY in logs)"
     )
 
     @field_validator("model_id")
@@ -123,6 +131,24 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_key_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _blank_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_parses(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from app.access import KeysFileError, keys_file_label, parse_keys_file  # the parser of every reload
+
+            try:
+                parse_keys_file(value)
+            except KeysFileError as exc:  # the message names the line
+                reason = str(exc).removeprefix(keys_file_label(value) + ": ")
+                raise PydanticCustomError("api_keys_file", "{reason}", {"reason": reason}) from None
+        return value
 
     @model_validator(mode="after")
     def _device_dtype_fit(self) -> Settings:
@@ -158,4 +184,6 @@ def load_settings() -> Settings:
         for error in exc.errors():
             variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
             lines.append(f"  {variable}={error.get('input')!r}: {error['msg']}")
+        if len(lines) == 1:
+            raise SystemExit("Invalid configuration: " + lines[0].strip()) from None
         raise SystemExit("Invalid configuration:\n" + "\n".join(lines)) from None

@@ -75,3 +75,32 @@ def check_unique(specs, field: str = "lora_configs", fields=None) -> None:
         if spec.ref in seen:
             raise DuplicateLora(spec.brand_id, field=fields[i] if fields else field)
         seen.add(spec.ref)
+
+
+class BrandForbidden(PermissionError):
+    """A request names a brand outside its key's brand patterns (403; the same whether it exists or not)."""
+
+    def __init__(self, brand_id: str, key_name: str):
+        super().__init__(f"brand {brand_id!r} is not among the brands of key {key_name!r}")
+        self.brand_id = brand_id
+
+
+class RoleMissing(PermissionError):
+    """A key without the role an operation needs (403)."""
+
+    def __init__(self, role: str, key_name: str, roles: str):
+        super().__init__(f"this operation needs the {role!r} role; key {key_name!r} has: {roles}")
+        self.role = role
+
+
+class Unauthenticated(Exception):
+    """No key, or a key that is not known (401)."""
+
+
+class RateLimited(Exception):
+    """A key over its requests_per_minute (429 with Retry-After)."""
+
+    def __init__(self, key_name: str, per_minute: int, retry_after_s: int):
+        super().__init__(f"key {key_name!r} is over its limit of {per_minute} requests per minute "
+                         f"(one image counts as one request); retry in {retry_after_s} s")  # fmt: skip
+        self.retry_after_s = max(1, retry_after_s)

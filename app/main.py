@@ -9,18 +9,19 @@ from __future__ import annotations
 import sys
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
+from app.access import KeyRing, KeysFileError
 from app.api.errors import add_error_handlers
 from app.api.routes import ab, generate, health, lora, lora_versions, openai_images, train
 from app.api.routes import metrics as metrics_routes
 from app.api.schemas import show_configured_maxima
-from app.api.security import AuthMiddleware
+from app.api.security import AuthMiddleware, authorize
 from app.config import Settings, load_settings
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, ServiceMetrics, configure_logging
-from app.state import AppState, install_sigterm_drain
+from app.state import AppState, install_sighup_reload, install_sigterm_drain
 
 
 def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
@@ -29,16 +30,21 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
     state = state or AppState.for_settings(settings)
+    keys = key_ring(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.registry.ensure_root()
         state.start()
+        keys.start()
         restore_signal = install_sigterm_drain(state)
+        restore_hup = install_sighup_reload(keys.reload)
         try:
             yield
         finally:
+            restore_hup()
             restore_signal()
+            keys.stop()
             state.stop()
 
     # Swagger UI and ReDoc from the assets the fastapi-offline package ships: /docs works with no network.
@@ -47,11 +53,13 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         version=__version__,
         description="Stable Diffusion 1.5 image generation with per-brand LoRA adapters.",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],  # every route's role and path brand (app/api/security.py)
     )
     app.state.service_state = state
+    app.state.keys = keys
     state.metrics = metrics = ServiceMetrics(state)
     # Added inside-out: the request context is outermost, so refusals get an id, a log line and a count.
-    app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     routers = (health, metrics_routes, generate, openai_images, lora, lora_versions, train, ab)
@@ -60,6 +68,15 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     add_error_handlers(app)
     show_configured_maxima(app, settings)
     return app
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    """API_KEYS_FILE and the legacy keys; a file that fails here stops the service like any bad setting."""
+    secret = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
+    try:
+        return KeyRing(settings.api_keys_file, secret(settings.api_key), secret(settings.admin_api_key))
+    except KeysFileError as exc:
+        raise SystemExit(f"Invalid configuration: {exc}") from None
 
 
 def run() -> None:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.access import current_caller
 from app.lora.uploads import is_upload
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -28,6 +29,7 @@ request_images_var: contextvars.ContextVar[list | None] = contextvars.ContextVar
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 access_logger = logging.getLogger("app.access")
+audit_logger = logging.getLogger("app.audit")
 
 
 def record_image(brands: list[str], queue_ms: float, lora_ms: float, generation_ms: float) -> None:
@@ -35,6 +37,23 @@ def record_image(brands: list[str], queue_ms: float, lora_ms: float, generation_
     images = request_images_var.get()
     if images is not None:
         images.append((brands, queue_ms, lora_ms, generation_ms))
+
+
+def audit(
+    action: str,
+    brand_id: str = "-",
+    version: str | None = None,
+    sha256: str | None = None,
+    key: str | None = None,
+    **more,
+) -> None:
+    """One audit line (uploads, deletes, trainings, cache clears): the key's name, brand, version, sha256."""
+    if key is None:
+        caller = current_caller.get()
+        key = caller.name if caller is not None else "-"
+    fields = {"action": action, "key": key, "brand": brand_id,
+              "version": version or "-", "sha256": sha256 or "-", **more}  # fmt: skip
+    audit_logger.warning("audit %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -94,6 +113,13 @@ class ServiceMetrics:
         )
         self.generation_batch_size = Histogram(
             "generation_batch_size", "Images per denoising loop", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=self.registry,
+        )
+        # Per key (its `name` from API_KEYS_FILE; API_KEY / ADMIN_API_KEY for the legacy keys).
+        self.key_requests = Counter("api_key_requests", "Requests answered, by key", ["key"], registry=self.registry)
+        self.key_images = Counter("api_key_images", "Images generated, by key", ["key"], registry=self.registry)
+        self.key_requests_limited = Counter(
+            "api_key_requests_limited", "Requests refused with 429 for the key's requests_per_minute", ["key"],
             registry=self.registry,
         )
         self.state_collector = _StateCollector(state)
@@ -186,13 +212,22 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], endpoint, str(status[0])).inc()
             self.metrics.request_seconds.labels(endpoint).observe(elapsed)
-            _log_access(scope["method"], scope["path"], status[0], elapsed * 1000, images)
+            caller = scope.get("app.caller")
+            key = caller.name if caller is not None else "-"
+            if caller is not None and not caller.anonymous:
+                if scope.get("app.limited") or scope.get("app.quota", {}).get("limited"):
+                    self.metrics.key_requests_limited.labels(key).inc()
+                else:
+                    self.metrics.key_requests.labels(key).inc()
+                if images:
+                    self.metrics.key_images.labels(key).inc(len(images))
+            _log_access(scope["method"], scope["path"], status[0], elapsed * 1000, images, key)
             request_images_var.reset(images_token)
             request_id_var.reset(token)
 
 
-def _log_access(method: str, path: str, status: int, ms: float, images: list) -> None:
-    fields = {"method": method, "path": path, "status": status, "ms": round(ms, 2)}
+def _log_access(method: str, path: str, status: int, ms: float, images: list, key: str) -> None:
+    fields = {"method": method, "path": path, "status": status, "ms": round(ms, 2), "key": key}
     if images:
         brands = sorted({brand for image in images for brand in image[0]})
         fields.update(

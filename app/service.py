@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
+from app.access import charge_images, check_brands, current_caller, prepay_images
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, build_infotext, prompt_with_lora_tags
@@ -78,19 +79,52 @@ class GenerationService:
                 f"{lora_count} LoRAs requested; at most {s.lora_max_per_request} per request (LORA_MAX_PER_REQUEST)",
             )
 
+    # Who may use which brand, and the caller's quota, are checked in `admit`, which `generate` and
+    # `acquire` always call: a subclass (the Ray ingress) changes `_generate` / `_acquire` instead, so
+    # no image path can skip the check.
+    _FINAL = ("generate", "acquire", "admit")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [name for name in cls._FINAL if name in vars(cls)]
+        if overridden:
+            raise TypeError(f"{cls.__name__} overrides {', '.join(overridden)}: override _generate / _acquire "
+                            "so that every image passes the caller's checks")  # fmt: skip
+
+    def admit(self, loras: Sequence[LoraSpec], images: int = 1, prepay: bool = False) -> None:
+        """The caller's brands and quota, where the request's LoRA set is final (403 / 429 before any work).
+
+        `prepay`: only make sure `images` images are paid for (an endpoint that then calls `generate`
+        once per image, so that all are refused at once or none); each `generate` uses one of them.
+        """
+        caller = current_caller.get()
+        check_brands(caller, loras)
+        (prepay_images if prepay else charge_images)(caller, images)
+
     async def generate(
         self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
     ) -> GenerationOutcome:
-        """One image: reserve a place, acquire the LoRAs, run the job."""
+        """One image: the caller's checks, then reserve a place, acquire the LoRAs, run the job."""
+        self.admit(loras)
+        return await self._generate(spec, loras, strict, disconnected)
+
+    async def _generate(
+        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool, disconnected: Disconnected
+    ) -> GenerationOutcome:
         start = time.perf_counter()
-        acquired = await self.acquire(loras, strict)
+        acquired = await self._acquire(loras, strict)
         return await self.render(spec, acquired, loras, disconnected, start)
 
-    async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> AcquiredLoras:
-        """Take a place in the queue (429 at once when full, before any file work), then load the LoRAs.
+    async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False, images: int = 1) -> AcquiredLoras:
+        """The caller's checks for `images` images of `loras`, then a place in the queue and the LoRAs.
 
         The place is the next `render`'s; give it back with `queue.release_reservation` if none follows.
         """
+        self.admit(loras, images)
+        return await self._acquire(loras, strict)
+
+    async def _acquire(self, loras: Sequence[LoraSpec], strict: bool) -> AcquiredLoras:
+        """Take a place in the queue (429 at once when full, before any file work), then load the LoRAs."""
         self.queue.reserve()
         try:
             return await run_in_threadpool(self.loras.acquire, loras, strict)

@@ -203,3 +203,16 @@ def install_sigterm_drain(state: AppState) -> Callable[[], None]:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def install_sighup_reload(reload: Callable[[str], object]) -> Callable[[], None]:
+    """On SIGHUP: `reload("SIGHUP")` (the keys file), in a thread, not in the signal handler. Returns the undo."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return lambda: None
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def on_sighup(signum, frame) -> None:
+        threading.Thread(target=reload, args=("SIGHUP",), name="sighup-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_sighup)
+    return lambda: signal.signal(signal.SIGHUP, previous)

@@ -14,14 +14,14 @@ APP = Path(__file__).resolve().parents[1] / "app"
 
 # Lowest first. A module may import its own layer or the ones below it, never one above.
 LAYERS = [
-    ("values", ["app", "app.config", "app.jobs", "app.errors", "app.samplers", "app.infotext"]),
+    ("values", ["app", "app.config", "app.jobs", "app.errors", "app.samplers", "app.infotext", "app.access"]),
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),
     ("request path", ["app.queueing", "app.service", "app.observability", "app.prompt_tags"]),
     ("features", ["app.ab", "app.train"]),
     ("assembly", ["app.state"]),
     ("http", ["app.api"]),
-    ("entry points", ["app.main", "app.demo", "app.train.__main__", "app.serve"]),
+    ("entry points", ["app.main", "app.demo", "app.train.__main__", "app.serve", "app.keys"]),
 ]
 
 

@@ -96,10 +96,10 @@ def test_health_and_ready_are_open(keyed):
 
 def test_cache_clear_needs_the_admin_key(keyed):
     missing = keyed.post("/lora/cache/clear")
-    assert missing.status_code == 401 and "admin key" in missing.json()["detail"]
+    assert missing.status_code == 401 and "missing API key" in missing.json()["detail"]
     assert keyed.post("/lora/cache/clear", headers=bearer("wrong")).status_code == 401
     user = keyed.post("/lora/cache/clear", headers=bearer(USER_KEY))
-    assert user.status_code == 403 and "ADMIN_API_KEY" in user.json()["detail"]
+    assert user.status_code == 403 and "needs the 'admin' role; key 'API_KEY'" in user.json()["detail"]
     admin = keyed.post("/lora/cache/clear", headers=bearer(ADMIN_KEY))
     assert admin.status_code == 200 and admin.json() == {"cleared": 0}
 

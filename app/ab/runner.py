@@ -45,7 +45,7 @@ async def run_ab_test(
 ) -> AbOutcome:
     """Generate every variant x seed of `plan` with `settings` (its seed is replaced by each plan seed)."""
     start = time.perf_counter()
-    acquired = await service.acquire(plan.union(), strict)  # holds the first job's place
+    acquired = await service.acquire(plan.union(), strict, images=len(plan.variants) * len(plan.seeds))  # 1st place
     reserved = True
     outcomes: list[VariantOutcome] = []
     try:

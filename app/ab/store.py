@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,12 +117,16 @@ class AbStore:
                 [(test.test_id, brand_id) for brand_id in test.brand_ids],
             )
 
-    def get_test(self, test_id: str) -> AbTestRecord | None:
+    def get_test(self, test_id: str, visible: Callable[[str], bool] | None = None) -> AbTestRecord | None:
+        """The test, or None; with `visible`, also None when one of its brands is not visible (a key's)."""
         with self._lock:
             row = self._conn.execute(
                 "SELECT test_id, created_at, prompt, settings, variants FROM tests WHERE test_id = ?", (test_id,)
             ).fetchone()
-        return _test(row) if row else None
+        test = _test(row) if row else None
+        if test is not None and visible is not None and not all(visible(b) for b in test.brand_ids):
+            return None
+        return test
 
     # ---- choices -------------------------------------------------------------------------------
 
@@ -147,8 +152,11 @@ class AbStore:
 
     # ---- a brand's history ---------------------------------------------------------------------
 
-    def history(self, brand_id: str, limit: int = 100) -> list[AbHistoryEntry]:
-        """Tests that involve `brand_id`, newest first, each with its choices."""
+    def history(
+        self, brand_id: str, limit: int = 100, visible: Callable[[str], bool] | None = None
+    ) -> list[AbHistoryEntry]:
+        """Tests that involve `brand_id`, newest first, each with its choices; with `visible`, only the
+        tests whose brands are all visible."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT t.test_id, t.created_at, t.prompt, t.settings, t.variants FROM tests t "
@@ -156,7 +164,12 @@ class AbStore:
                 "ORDER BY t.created_at DESC, t.rowid DESC LIMIT ?",
                 (brand_id, limit),
             ).fetchall()
-            return [AbHistoryEntry(_test(row), self._choices(row[0])) for row in rows]
+            tests = [_test(row) for row in rows]
+            return [
+                AbHistoryEntry(test, self._choices(test.test_id))
+                for test in tests
+                if visible is None or all(visible(b) for b in test.brand_ids)
+            ]
 
     def recommended_weight(self, brand_id: str) -> float | None:
         """The brand's weight in the most recently chosen variant of a test involving it, or None.

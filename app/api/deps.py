@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.ab.store import AbStore
+from app.access import OPEN_CALLER, Caller
 from app.config import Settings
 from app.errors import ServiceUnavailable
 from app.lora.catalog import LoraCatalog
@@ -74,3 +75,11 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 AbStoreDep = Annotated[AbStore, Depends(get_ab_store)]
 CatalogDep = Annotated[LoraCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[LoraRegistry, Depends(get_registry)]
+
+
+def get_caller(request: Request) -> Caller:
+    """Who is calling (app/api/security.py made it of the key); reads are filtered to its brands."""
+    return request.scope.get("app.caller") or OPEN_CALLER
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]

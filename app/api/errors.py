@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from app.errors import (
     AnsweredError,
+    BrandForbidden,
     ClientGone,
     GenerationOutOfMemory,
     InvalidRequest,
@@ -24,7 +25,10 @@ from app.errors import (
     LoraUnavailable,
     QueueFull,
     QueueTimeout,
+    RateLimited,
+    RoleMissing,
     ServiceUnavailable,
+    Unauthenticated,
 )
 from app.lora.registry import InvalidLoraId, UnsafeLoraPath
 from app.lora.uploads import UploadRefused
@@ -51,6 +55,12 @@ ERROR_TABLE: dict[type[Exception], object] = {
     LoraUnavailable: lambda e: ErrorAnswer(422, str(e), "brand_id", "lora_unavailable"),
     UploadRefused: lambda e: ErrorAnswer(e.status, str(e), e.field if e.status == 422 else None),
     LoraNotFound: lambda e: ErrorAnswer(404, str(e)),
+    BrandForbidden: lambda e: ErrorAnswer(403, str(e), kind="forbidden"),
+    RoleMissing: lambda e: ErrorAnswer(403, str(e), kind="forbidden"),
+    Unauthenticated: lambda e: ErrorAnswer(401, str(e), kind="unauthenticated", headers={"WWW-Authenticate": "Bearer"}),
+    RateLimited: lambda e: ErrorAnswer(
+        429, str(e), kind="rate_limit", headers={"Retry-After": str(e.retry_after_s)}
+    ),
     TrainJobBusy: lambda e: ErrorAnswer(409, str(e), kind="conflict"),
     TrainJobNotFound: lambda e: ErrorAnswer(404, str(e)),
     QueueFull: lambda e: ErrorAnswer(
@@ -88,8 +98,32 @@ def add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_type, _answer)
 
 
-async def _answer(_: Request, exc: Exception) -> JSONResponse:
-    return detail_response(answer_for(exc))
+async def _answer(request: Request, exc: Exception) -> JSONResponse:
+    answer = answer_for(exc)
+    if request.url.path.startswith("/v1/"):  # OpenAI clients read errors in OpenAI's shape
+        return openai_response(answer)
+    return detail_response(answer)
+
+
+# The error table's kinds and statuses in OpenAI's terms.
+OPENAI_CODES = {"rate_limit": "rate_limit_exceeded", "lora_unavailable": "lora_unavailable",
+                "unauthenticated": "invalid_api_key", "forbidden": "forbidden"}  # fmt: skip
+OPENAI_TYPES = {429: "rate_limit_error", 503: "server_error", 499: "server_error", 401: "authentication_error",
+                403: "permission_error"}  # fmt: skip
+
+
+def openai_response(answer: ErrorAnswer) -> JSONResponse:
+    """The same answer in OpenAI's `{"error": {...}}` shape (a 422 is OpenAI's 400)."""
+    body = {
+        "error": {
+            "message": answer.message,
+            "type": OPENAI_TYPES.get(answer.status, "invalid_request_error"),
+            "param": "size" if answer.field in ("width", "height") else answer.field,
+            "code": OPENAI_CODES.get(answer.kind, "invalid_value"),
+        }
+    }
+    return JSONResponse(status_code=400 if answer.status == 422 else answer.status, content=body,
+                        headers=answer.headers)  # fmt: skip
 
 
 SEND_JSON = "send the request body as a JSON object with the header Content-Type: application/json"

@@ -1,100 +1,167 @@
-"""Optional bearer-key auth: API_KEY for the API, ADMIN_API_KEY for operations that change state.
+"""Keys at the edge: the presented key becomes a `Caller` once (app/access.py), and each route's role
+and path brand are decided from one table (`ROUTE_ROLES`).
 
-401 = no key or a wrong key; 403 = a valid user key on an admin endpoint. Keys are compared in
-constant time.
+- `AuthMiddleware` (every request): `Authorization: Bearer KEY` (on `/sdapi/v1/*` also HTTP Basic
+  with the key as the password, as AUTOMATIC1111 clients send it) is hashed and looked up in the key
+  ring. No key or an unknown key: 401. A key over its rate: 429 with Retry-After, before the app
+  runs (no queue place, no image). The caller is then the request's (`current_caller`, and
+  `scope["app.caller"]` for the access log).
+- `authorize` (an app-wide dependency, so every route gets it): the route's role from `ROUTE_ROLES`
+  (a route not in the table needs `admin`), and a `{brand_id}` in its path must be one of the key's
+  brands: a read of another brand is the same 404 as a missing brand; a change to one is a 403.
+- The brands a request's body names are checked where its LoRA set is final:
+  `GenerationService.admit` (app/service.py).
+
+With no key configured at all (no API_KEYS_FILE, API_KEY or ADMIN_API_KEY) everything is open, as
+before keys existed; with only ADMIN_API_KEY, requests without a key may generate and read.
 """
 
 from __future__ import annotations
 
-import hmac
+import base64
+import binascii
 import logging
+import math
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.config import Settings
-from app.lora.uploads import TRAIN_JOB_PATH, TRAIN_PATH, UPLOAD_PATH, VERSION_PATH
+from app.access import Caller, KeyRing, acting_as
+from app.errors import BrandForbidden, LoraNotFound, RoleMissing, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 # The A/B page is static HTML with no data in it, and its starting sizes; the API calls it makes carry the key.
 PUBLIC_PAGES = frozenset({"/ui", "/ui/defaults"})
-ADMIN_ROUTES = frozenset({("POST", "/lora/cache/clear"), ("GET", "/train/jobs")})
-# admin routes with path parameters, matched by method + pattern (uploads, removal, training jobs).
-ADMIN_ROUTE_PATTERNS = (
-    ("POST", UPLOAD_PATH),
-    ("DELETE", VERSION_PATH),
-    ("POST", TRAIN_PATH),
-    ("GET", TRAIN_JOB_PATH),
-    ("DELETE", TRAIN_JOB_PATH),
-)
+BASIC_AUTH_PREFIX = "/sdapi/v1/"
+
+# (method, route path) -> the role it needs. A route missing here needs "admin": a new route is
+# closed until someone decides who may use it. Brands in a route's body are checked by the service.
+ROUTE_ROLES: dict[tuple[str, str], str] = {
+    ("GET", "/"): "generate",
+    ("POST", "/generate"): "generate",
+    ("POST", "/v1/images/generations"): "generate",
+    ("POST", "/ab-test"): "generate",
+    ("GET", "/ab-test/{test_id}"): "generate",  # another brand's test: 404 (the route)
+    ("POST", "/ab-test/{test_id}/choice"): "generate",
+    ("GET", "/lora/{brand_id}/ab-results"): "generate",
+    ("GET", "/lora/list"): "generate",  # filtered to the key's brands
+    ("GET", "/lora/{brand_id}/metadata"): "generate",
+    ("GET", "/lora/cache/stats"): "generate",  # cached / pinned filtered to the key's brands
+    ("POST", "/lora/{brand_id}/versions"): "publish",
+    ("DELETE", "/lora/{brand_id}/versions/{version}"): "publish",
+    ("POST", "/lora/{brand_id}/train"): "publish",
+    ("GET", "/train/jobs"): "publish",  # filtered to the key's brands
+    ("GET", "/train/jobs/{job_id}"): "publish",  # another brand's job: 404 (the route)
+    ("DELETE", "/train/jobs/{job_id}"): "publish",
+    ("POST", "/lora/cache/clear"): "admin",
+    ("GET", "/metrics"): "admin",
+    # Image endpoints being added beside this one (their LoRA sets pass GenerationService.admit).
+    ("POST", "/jobs"): "generate",
+    ("POST", "/sdapi/v1/txt2img"): "generate",
+    ("POST", "/sdapi/v1/img2img"): "generate",
+    ("POST", "/v1/images/edits"): "generate",
+}
 
 
-def _matches(given: str | None, expected) -> bool:
-    return given is not None and expected is not None and hmac.compare_digest(
-        given.encode(), expected.get_secret_value().encode()
-    )
+def required_role(method: str, route_path: str) -> str:
+    if method == "HEAD":
+        method = "GET"
+    return ROUTE_ROLES.get((method, route_path), "admin")
 
 
-def _bearer(scope: Scope) -> str | None:
+def request_caller(request: Request) -> Caller | None:
+    """The caller the middleware made of the request's key (None on the open paths)."""
+    return request.scope.get("app.caller")
+
+
+async def authorize(request: Request) -> None:
+    """The route's role and its path's brand (an app-wide dependency: it runs for every route)."""
+    caller = request_caller(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    if caller is None or path is None:
+        return
+    role = required_role(request.method, path)
+    if not caller.has(role):
+        if caller.anonymous:
+            raise Unauthenticated(f"missing API key: this operation needs a key with the {role!r} role "
+                                  "(send 'Authorization: Bearer <key>')")  # fmt: skip
+        raise RoleMissing(role, caller.name, caller.describe_roles())
+    brand_id = request.path_params.get("brand_id")
+    if brand_id is not None and not caller.may_use(brand_id):
+        if request.method in ("GET", "HEAD"):
+            raise LoraNotFound(unknown_brand_message(brand_id))  # the same answer as a brand that does not exist
+        raise BrandForbidden(brand_id, caller.name)
+
+
+def unknown_brand_message(brand_id: str) -> str:
+    return f"no LoRA for brand_id {brand_id!r}"
+
+
+def _authorization(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+            return value.decode("latin-1")
+    return None
+
+
+def presented_key(scope: Scope) -> str | None:
+    """The key of `Authorization: Bearer KEY`, or on /sdapi/v1/* of `Basic base64(user:KEY)`."""
+    header = _authorization(scope)
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer":
+        return token or None
+    if scheme.lower() == "basic" and scope["path"].startswith(BASIC_AUTH_PREFIX) and token:
+        try:
+            _, sep, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password if sep and password else None
     return None
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings):
+    def __init__(self, app: ASGIApp, keys: KeyRing):
         self.app = app
-        self.user_key = settings.api_key
-        self.admin_key = settings.admin_api_key
-        if self.user_key is None and self.admin_key is None:
-            logger.warning("no API_KEY or ADMIN_API_KEY set: every endpoint is open to anyone who can reach it")
+        self.keys = keys
+        if keys.is_open:
+            logger.warning("no API_KEYS_FILE, API_KEY or ADMIN_API_KEY set: every endpoint is open to anyone who "
+                           "can reach it")  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"] in PUBLIC_PAGES:
             return await self.app(scope, receive, send)
-        denied = self._check(scope["method"], scope["path"], _bearer(scope))
-        if denied is not None and scope["path"].startswith("/v1/"):
-            denied = _openai_deny(denied)
-        if denied is not None:
-            return await denied(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def _check(self, method: str, path: str, token: str | None) -> JSONResponse | None:
-        if path in OPEN_PATHS or path in PUBLIC_PAGES:
-            return None
-        is_admin = _matches(token, self.admin_key)
-        if _is_admin_route(method, path) and self.admin_key is not None:
-            if is_admin:
-                return None
-            if _matches(token, self.user_key):
-                return _deny(403, "this operation needs the admin key (ADMIN_API_KEY)")
-            return _deny(401, "missing or wrong admin key: send 'Authorization: Bearer <ADMIN_API_KEY>'")
-        if self.user_key is None or is_admin or _matches(token, self.user_key):
-            return None
-        if token is None:
-            return _deny(401, "missing API key: send 'Authorization: Bearer <API_KEY>'")
-        return _deny(401, "wrong API key")
+        key = presented_key(scope)
+        caller = self.keys.lookup(key)
+        if caller is None:
+            caller = self.keys.anonymous
+        if caller is None:
+            message = "wrong API key" if key else "missing API key: send 'Authorization: Bearer <key>'"
+            return await _deny(scope, 401, message, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        scope["app.caller"] = caller
+        if caller.bucket is not None:
+            wait = caller.bucket.take(1)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                scope["app.limited"] = True
+                message = (f"key {caller.name!r} is over its limit of {caller.requests_per_minute} requests per "
+                           f"minute (one image counts as one request); retry in {retry} s")  # fmt: skip
+                return await _deny(scope, 429, message, {"Retry-After": str(retry)})(scope, receive, send)
+        scope["app.quota"] = quota = {}
+        with acting_as(caller, credit=1, quota=quota):  # the request's token pays for its first image
+            await self.app(scope, receive, send)
 
 
-def _deny(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": message}, headers={"WWW-Authenticate": "Bearer"})
-
-
-def _is_admin_route(method: str, path: str) -> bool:
-    """the fixed admin routes plus those with path parameters."""
-    return (method, path) in ADMIN_ROUTES or any(
-        method == m and pattern.fullmatch(path) for m, pattern in ADMIN_ROUTE_PATTERNS
-    )
-
-
-def _openai_deny(denied: JSONResponse) -> JSONResponse:
-    """the same refusal in OpenAI's shape, for /v1/ (OpenAI clients raise AuthenticationError)."""
-    import json
-
-    message = json.loads(denied.body)["detail"]
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
-    return JSONResponse(status_code=denied.status_code, content=body, headers={"WWW-Authenticate": "Bearer"})
+def _deny(scope: Scope, status: int, message: str, headers: dict) -> JSONResponse:
+    if scope["path"].startswith("/v1/"):  # OpenAI clients raise AuthenticationError / RateLimitError
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}[status]
+        kind = {401: "authentication_error", 429: "rate_limit_error"}[status]
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content={"detail": message}, headers=headers)

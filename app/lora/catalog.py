@@ -20,9 +20,10 @@ class LoraCatalog:
         self.registry = registry
         self.facts = facts
 
-    def list(self, manager=None, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
-        """One entry per brand (sorted by id), a page of them, and the total number of brands."""
-        brand_ids = self.registry.brand_ids()
+    def list(self, manager=None, offset: int = 0, limit: int = 100, visible=None) -> tuple[list[dict], int]:
+        """One entry per brand (sorted by id), a page of them, and the total number of brands;
+        `visible(brand_id)`, when given, keeps only the brands it accepts (a key's own)."""
+        brand_ids = [b for b in self.registry.brand_ids() if visible is None or visible(b)]
         return [self._summary(b, manager) for b in brand_ids[offset : offset + limit]], len(brand_ids)
 
     def _summary(self, brand_id: str, manager) -> dict:

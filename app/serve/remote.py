@@ -1,7 +1,8 @@
 """The ingress's side of the Ray application: objects with the interfaces the routes already use
 (`GenerationService`, `LoraManager`, `AppState`), backed by the replicas.
 
-- `RemoteGenerationService.generate(spec, loras, strict, disconnected)` resolves the LoRA set's key
+- `RemoteGenerationService._generate(spec, loras, strict, disconnected)` (after the base class's
+  `generate` made the caller's brand and quota checks, here at the ingress) resolves the LoRA set's key
   through the registry (torch-free), picks the routing key (hot sets get copies), and awaits the
   replica handle with `multiplexed_model_id=<routing key>`; the replica runs the real
   `GenerationService.generate`. A/B tests use `acquire`/`render` as in-process: each variant is a
@@ -93,7 +94,7 @@ class RemoteGenerationService(GenerationService):
             return "", None  # Ray's default: any replica
         return self.planner.route(lora_set_key(self.registry, loras))
 
-    async def generate(
+    async def _generate(
         self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
     ) -> RemoteOutcome:
         start = time.perf_counter()
@@ -165,7 +166,7 @@ class RemoteGenerationService(GenerationService):
                 response.cancel()  # the replica drops the job if it has not started
                 task.cancel()
 
-    async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> RemoteAcquired:
+    async def _acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> RemoteAcquired:
         # Strict mode must fail before any image; the file checks run on the replica, so only
         # existence is checked here (a file that fails to load is refused on its first variant).
         if strict:
@@ -177,7 +178,7 @@ class RemoteGenerationService(GenerationService):
         return RemoteAcquired(list(loras), strict)
 
     async def render(self, spec, acquired, loras, disconnected=None, start=None) -> RemoteOutcome:
-        outcome = await self.generate(spec, loras, acquired.strict, disconnected)
+        outcome = await self._generate(spec, loras, acquired.strict, disconnected)  # admitted at `acquire`
         acquired.load_ms += outcome.lora_ms
         return outcome
 

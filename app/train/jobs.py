@@ -12,6 +12,7 @@ stopping the app kills a running child.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ class TrainJob:
     process: subprocess.Popen | None = None
     cancel_requested: bool = False
     published: bool = False
+    key_name: str = "-"  # the API key that started it (audit lines)
 
     def public(self) -> dict:
         return {
@@ -219,6 +221,7 @@ class TrainJobs:
         if job.published:
             # The version is on disk, even when a cancel came too late to stop it.
             self._finish(job, "done", None)
+            _audit_published(self.settings, job)
             if self.on_published is not None:
                 try:
                     self.on_published(job.brand_id, job.version)
@@ -248,3 +251,15 @@ class TrainJobs:
         finished = [job_id for job_id, job in self._jobs.items() if job.state not in ACTIVE]
         for job_id in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job_id]
+
+
+def _audit_published(settings: Settings, job: TrainJob) -> None:
+    from app.lora.uploads import UPLOAD_FILE_NAME
+    from app.observability import audit
+
+    path = Path(settings.lora_base_dir) / job.brand_id / str(job.version) / UPLOAD_FILE_NAME
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    audit("trained", job.brand_id, job.version, digest, key=job.key_name, job=job.id)

@@ -15,7 +15,7 @@ from app.ab.contact_sheet import render_contact_sheet
 from app.ab.plan import AbPlan, GridAxis, plan_grid, plan_variants
 from app.ab.runner import AbOutcome, run_ab_test
 from app.ab.store import AbHistoryEntry, AbTestRecord, UnknownTest, VariantOutOfRange, now_iso
-from app.api.deps import AbStoreDep, RegistryDep, ServiceDep, SettingsDep, StateDep
+from app.api.deps import AbStoreDep, CallerDep, RegistryDep, ServiceDep, SettingsDep, StateDep
 from app.api.prompt_loras import plan_with_tags
 from app.api.schemas import (
     AbChoicePublic,
@@ -32,7 +32,8 @@ from app.api.schemas import (
     Timings,
     UiDefaults,
 )
-from app.errors import InvalidRequest
+from app.api.security import unknown_brand_message
+from app.errors import InvalidRequest, LoraNotFound
 from app.lora.registry import ID_PATTERN
 from app.service import draw_seed, encode_png, round_ms
 
@@ -61,15 +62,17 @@ async def run_test(
 
 
 @router.get("/ab-test/{test_id}", response_model=AbTestPublic)
-def get_test(test_id: TestId, store: AbStoreDep) -> AbTestPublic:
-    test = store.get_test(test_id)
-    if test is None:
+def get_test(test_id: TestId, store: AbStoreDep, caller: CallerDep) -> AbTestPublic:
+    test = store.get_test(test_id, visible=caller.may_use)
+    if test is None:  # also a test of a brand outside the key's: the same 404
         raise HTTPException(status_code=404, detail=str(UnknownTest(test_id)))
     return _test_public(AbHistoryEntry(test, store.choices(test_id)))
 
 
 @router.post("/ab-test/{test_id}/choice", response_model=AbChoicePublic, status_code=201)
-def record_choice(test_id: TestId, body: AbChoiceRequest, store: AbStoreDep) -> AbChoicePublic:
+def record_choice(test_id: TestId, body: AbChoiceRequest, store: AbStoreDep, caller: CallerDep) -> AbChoicePublic:
+    if store.get_test(test_id, visible=caller.may_use) is None:
+        raise HTTPException(status_code=404, detail=str(UnknownTest(test_id)))
     try:
         choice = store.add_choice(test_id, body.variant, body.chosen_by, body.reason)
     except UnknownTest as exc:
@@ -80,10 +83,12 @@ def record_choice(test_id: TestId, body: AbChoiceRequest, store: AbStoreDep) -> 
 
 
 @router.get("/lora/{brand_id}/ab-results", response_model=AbResultsPublic)
-def brand_results(brand_id: BrandId, store: AbStoreDep, registry: RegistryDep) -> AbResultsPublic:
-    history = store.history(brand_id)
+def brand_results(brand_id: BrandId, store: AbStoreDep, registry: RegistryDep, caller: CallerDep) -> AbResultsPublic:
+    """The brand's tests (those that also involve a brand outside the key's are left out)."""
+    history = store.history(brand_id, visible=caller.may_use)
     if not history and not registry.versions(brand_id):
-        raise HTTPException(status_code=404, detail=f"brand {brand_id!r} has no LoRA files and no A/B tests")
+        # The same answer as another key's brand (app/api/security.py): existence is not told.
+        raise LoraNotFound(unknown_brand_message(brand_id))
     return AbResultsPublic(
         brand_id=brand_id,
         recommended_weight=store.recommended_weight(brand_id),

@@ -6,14 +6,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app import SERVICE_NAME, __version__
-from app.api.deps import StateDep
+from app.api.deps import CallerDep, StateDep
 from app.samplers import SCHEDULER_NAMES
 
 router = APIRouter(tags=["service"])
 
 
 @router.get("/")
-def service_info(state: StateDep) -> dict:
+def service_info(state: StateDep, caller: CallerDep) -> dict:
     s = state.settings
     engine = state.engine
     return {
@@ -26,7 +26,9 @@ def service_info(state: StateDep) -> dict:
         "compile": engine.compile_stats() if engine else None,
         "ready": state.ready,
         "lora_dir": str(state.registry.root),
-        "loras_found": state.registry.count(),
+        "loras_found": state.registry.count()
+        if caller.is_admin
+        else sum(1 for b in state.registry.brand_ids() if caller.may_use(b)),  # a key counts only its own brands
         "cache": {
             "enabled": s.lora_cache_enabled,
             "max_size": s.lora_cache_max_size,

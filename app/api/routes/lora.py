@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from app.api.deps import AbStoreDep, CatalogDep, LorasDep, StateDep
+from app.api.deps import AbStoreDep, CallerDep, CatalogDep, LorasDep, StateDep
 from app.api.schemas import CacheClearPublic, CacheStatsPublic, LoraListPublic, LoraMetadataPublic
 from app.lora.registry import ID_PATTERN
+from app.observability import audit
 
 router = APIRouter(prefix="/lora", tags=["lora"])
 
@@ -19,22 +20,39 @@ BrandPath = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the bra
 def list_loras(
     catalog: CatalogDep,
     state: StateDep,
+    caller: CallerDep,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> LoraListPublic:
-    """One entry per brand, sorted by id; `count` is the total, `offset`/`limit` page through it."""
-    data, total = catalog.list(state.loras, offset, limit)
+    """One entry per brand of the key, sorted by id; `count` is their total, `offset`/`limit` page through it."""
+    data, total = catalog.list(state.loras, offset, limit, visible=caller.may_use)
     return LoraListPublic(data=data, count=total, offset=offset, limit=limit)
 
 
 @router.get("/cache/stats", response_model=CacheStatsPublic)
-def cache_stats(loras: LorasDep) -> CacheStatsPublic:
-    return CacheStatsPublic(**loras.cache_stats().as_dict(), host=loras.host_stats())
+def cache_stats(loras: LorasDep, caller: CallerDep) -> CacheStatsPublic:
+    """The counters; for a key that is not admin, `cached` and `pinned` list only its brands."""
+    stats, host = loras.cache_stats().as_dict(), loras.host_stats()
+    if not caller.is_admin:
+        stats = _own_entries(stats, caller)
+        host = _own_entries(host, caller) if host is not None else None
+    return CacheStatsPublic(**stats, host=host)
+
+
+def _own_entries(stats: dict, caller) -> dict:
+    """`cached` / `pinned` (cache keys `brand` or `brand@version`) kept to the caller's brands, also per replica."""
+    mine = lambda keys: [k for k in keys if caller.may_use(k.split("@", 1)[0])]  # noqa: E731
+    out = {**stats, **{name: mine(stats[name]) for name in ("cached", "pinned") if name in stats}}
+    if isinstance(stats.get("replicas"), dict):
+        out["replicas"] = {rid: _own_entries(r, caller) for rid, r in stats["replicas"].items()}
+    return out
 
 
 @router.post("/cache/clear", response_model=CacheClearPublic)
 def cache_clear(loras: LorasDep) -> CacheClearPublic:
-    return CacheClearPublic(cleared=loras.clear_cache())
+    cleared = loras.clear_cache()
+    audit("cache-clear", cleared=cleared)
+    return CacheClearPublic(cleared=cleared)
 
 
 @router.get("/{brand_id}/metadata", response_model=LoraMetadataPublic)

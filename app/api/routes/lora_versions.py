@@ -23,6 +23,7 @@ from app.api.deps import LorasDep
 from app.lora.registry import ID_PATTERN, LORA_SUFFIX, METADATA_MAX_BYTES, UNSUPPORTED_SUFFIXES
 from app.lora.safetensors_header import MIB
 from app.lora.uploads import LoraUploads, PendingUpload, UploadRefused, parse_metadata, validate_version
+from app.observability import audit
 
 router = APIRouter(prefix="/lora", tags=["lora"])
 
@@ -77,12 +78,16 @@ async def upload_version(brand_id: BrandPath, request: Request, loras: LorasDep)
     published = loras.registry.resolve(brand_id, result.version)
     if published is not None:
         loras.facts.record_sha256(published, result.fingerprint, result.sha256)
+    audit("upload", brand_id, result.version, result.sha256)
     return JSONResponse(status_code=201, content=UploadPublic(**vars(result)).model_dump())
 
 
 @router.delete("/{brand_id}/versions/{version}", status_code=204, responses={404: {"description": "no such version"}})
 async def delete_version(brand_id: BrandPath, version: VersionPath, loras: LorasDep):
+    doomed = loras.registry.resolve(brand_id, version) if version != "default" else None
+    sha256 = await run_in_threadpool(loras.facts.sha256, doomed) if doomed is not None else None
     key = await run_in_threadpool(_uploads(loras).delete, brand_id, version)
+    audit("delete", brand_id, version, sha256)
     loras.cache.remove(key)  # its weights leave the engine (a request holding them still finishes)
     return Response(status_code=204)
 

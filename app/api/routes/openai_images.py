@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import get_service
-from app.api.errors import SEND_JSON, answer_for
+from app.api.errors import SEND_JSON, answer_for, openai_response
 from app.api.routes.generate import lora_specs
 from app.api.schemas import MAX_SEED, GenerateRequest, LoraConfig, LoraId, LoraWeight, VersionId
 from app.errors import InvalidRequest
@@ -115,19 +115,7 @@ async def create_images(request: Request):
         answer = answer_for(exc)  # the service's error table, rendered in OpenAI's shape
         if answer is None:
             raise
-        return openai_error(
-            400 if answer.status == 422 else answer.status,
-            answer.message,
-            param="size" if answer.field in ("width", "height") else answer.field,
-            code=OPENAI_CODES.get(answer.kind, "invalid_value"),
-            kind=OPENAI_TYPES.get(answer.status, "invalid_request_error"),
-            headers=answer.headers,
-        )
-
-
-# The error table's kinds and statuses in OpenAI's terms.
-OPENAI_CODES = {"rate_limit": "rate_limit_exceeded", "lora_unavailable": "lora_unavailable"}
-OPENAI_TYPES = {429: "rate_limit_error", 503: "server_error", 499: "server_error"}
+        return openai_response(answer)
 
 
 async def _create_images(request: Request) -> dict:
@@ -147,6 +135,7 @@ async def _create_images(request: Request) -> dict:
         raise InvalidRequest("seed", f"seed + n - 1 = {body.seed + body.n - 1} is above the maximum of {MAX_SEED}")
     else:
         first_seed = body.seed
+    service.admit(specs, images=body.n, prepay=True)  # all n images are paid for before the first, or none
     data = []
     for i in range(body.n):
         spec = generate.spec(first_seed + i)

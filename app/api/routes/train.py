@@ -22,15 +22,16 @@ from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep
+from app.api.deps import CallerDep, StateDep
 from app.api.routes.lora_versions import _StreamingForm, multipart_body, stream_form
 from app.errors import InvalidRequest, ServiceUnavailable
 from app.lora.registry import ID_PATTERN
 from app.lora.safetensors_header import MIB
 from app.lora.uploads import UploadRefused
+from app.observability import audit
 from app.state import AppState
 from app.train.dataset import InvalidDataset, extract_zip, load_dataset
-from app.train.jobs import TrainJobs
+from app.train.jobs import TrainJobNotFound, TrainJobs
 from app.train.options import TrainOptions, parse_config_json
 
 router = APIRouter(tags=["training"])
@@ -105,7 +106,7 @@ def _jobs(state: AppState) -> TrainJobs:
     responses={409: {"description": "a training job is running"}, 413: {"description": "dataset too large"},
                422: {"description": "bad dataset or config"}},
 )  # fmt: skip
-async def start_training(brand_id: BrandPath, request: Request, state: StateDep):
+async def start_training(brand_id: BrandPath, request: Request, state: StateDep, caller: CallerDep):
     jobs = _jobs(state)
     jobs.ensure_idle()  # 409 before the upload is read
     if state.draining:
@@ -142,6 +143,8 @@ async def start_training(brand_id: BrandPath, request: Request, state: StateDep)
         data_dir = workdir / "data"
         await run_in_threadpool(_unpack, workdir / "dataset.zip", data_dir, s.train_max_images, max_bytes)
         job = jobs.start(brand_id, data_dir, options, workdir)
+        job.key_name = caller.name
+        audit("train", brand_id, job=job.id)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -160,16 +163,26 @@ def _unpack(archive: Path, data_dir: Path, max_images: int, max_bytes: int) -> N
 
 
 @router.get("/train/jobs", response_model=list[TrainJobPublic])
-async def list_jobs(state: StateDep):
-    return [job.public() for job in _jobs(state).list()]
+async def list_jobs(state: StateDep, caller: CallerDep):
+    """The jobs of the key's brands."""
+    return [job.public() for job in _jobs(state).list() if caller.may_use(job.brand_id)]
+
+
+def _own_job(state: AppState, job_id: str, caller):
+    """The job, or 404 for a job of a brand outside the key's (the answer for a job that does not exist)."""
+    job = _jobs(state).get(job_id)
+    if not caller.may_use(job.brand_id):
+        raise TrainJobNotFound(job_id)
+    return job
 
 
 @router.get("/train/jobs/{job_id}", response_model=TrainJobPublic, responses={404: {"description": "no such job"}})
-async def get_job(job_id: str, state: StateDep):
-    return _jobs(state).get(job_id).public()
+async def get_job(job_id: str, state: StateDep, caller: CallerDep):
+    return _own_job(state, job_id, caller).public()
 
 
 @router.delete("/train/jobs/{job_id}", response_model=TrainJobPublic, responses={404: {"description": "no such job"}})
-async def cancel_job(job_id: str, state: StateDep):
+async def cancel_job(job_id: str, state: StateDep, caller: CallerDep):
     """Cancel a queued or running job (the child stops and leaves no version); a finished job is returned as is."""
+    _own_job(state, job_id, caller)
     return _jobs(state).cancel(job_id).public()
