@@ -13,6 +13,23 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class EditSpec:
+    """An image edit (app/editing.py): img2img, or inpainting when there is a mask. Plain bytes, so the
+    edit crosses to a replica as the rest of the spec does."""
+
+    image: bytes  # PNG, RGB, already at the spec's width x height
+    strength: float = 0.75  # how much is repainted: 0 keeps the image, 1 starts from pure noise
+    mask: bytes | None = None  # PNG, L, width x height; white = repaint
+    mask_blur: int = 4  # Gaussian blur radius of the mask, pixels
+    only_masked_padding: int | None = None  # inpaint only the mask's box plus this padding, at full size
+    source_size: tuple[int, int] | None = None  # the init image as sent, before resizing
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
     """The settings of one image (what the pipeline is called with)."""
 
@@ -27,6 +44,7 @@ class GenerationSpec:
     # The prompt as the client sent it, <lora:...> tags included, for the PNG infotext; `prompt` (what
     # the text encoder reads) has the tags removed. None: the same as `prompt`.
     prompt_as_sent: str | None = None
+    edit: EditSpec | None = None  # img2img / inpainting; None = text to image
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,9 @@ class GenerationJob:
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one denoising loop (prompts, seeds and LoRAs may differ)."""
         s = self.spec
-        return (s.width, s.height, s.num_inference_steps, s.guidance_scale, s.scheduler)
+        # An edit shares a loop only with edits of its kind and strength (which sets the timesteps).
+        edit = (s.edit.kind, s.edit.strength) if s.edit is not None else None
+        return (s.width, s.height, s.num_inference_steps, s.guidance_scale, s.scheduler, edit)
 
     @property
     def merge_signature(self) -> tuple[tuple[str, int, float], ...]:

@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     state.metrics = metrics = ServiceMetrics(state)
     # Added inside-out: the request context is outermost, so refusals get an id, a log line and a count.
     app.add_middleware(AuthMiddleware, settings=settings)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_image_bytes=settings.max_image_body_bytes
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     routers = (health, metrics_routes, generate, openai_images, lora, lora_versions, train, ab)
     for router in (module.router for module in routers):

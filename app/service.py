@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
+from app.editing import check_pixels
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, build_infotext
 from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
@@ -78,11 +79,17 @@ class GenerationService:
                 "lora_configs", f"{lora_count} LoRAs requested; at most {s.lora_max_per_request} per request"
             )
 
+    def check_edit(self, spec: GenerationSpec) -> None:
+        """An edit's init image as sent is bounded by MAX_PIXELS too (it was decoded within the schema's bound)."""
+        if spec.edit is not None and spec.edit.source_size is not None:
+            check_pixels(spec.edit.source_size, self.settings.max_pixels, "init_image")
+
     async def generate(
         self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
     ) -> GenerationOutcome:
         """One image: reserve a place, acquire the LoRAs, run the job."""
         start = time.perf_counter()
+        self.check_edit(spec)
         acquired = await self.acquire(loras, strict)
         return await self.render(spec, acquired, loras, disconnected, start)
 
@@ -156,6 +163,7 @@ def generation_infotext(spec: GenerationSpec, applied: list[AppliedLora], model_
         model_id=model_id,
         # A LoRA at weight 0 leaves the pixels as the base model's, so it is not listed (same PNG as base).
         loras=[(a.brand_id, a.sha256) for a in applied if a.weight != 0.0],
+        edit=spec.edit,
     )
 
 

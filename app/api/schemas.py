@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from app.api.prompt_loras import parse_prompt
-from app.jobs import GenerationSpec, LoraSpec
+from app.editing import build_edit, decode_base64_image
+from app.jobs import EditSpec, GenerationSpec, LoraSpec
 from app.lora.registry import ID_PATTERN
 from app.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
@@ -71,6 +72,7 @@ class GenerationSettings(StrictModel):
     def spec(self, seed: int) -> GenerationSpec:
         """The engine's settings for one image of this request, with `seed` (<lora:...> tags taken out)."""
         return GenerationSpec(
+            edit=self.edit_spec(),
             prompt=parse_prompt(self.prompt)[0],
             prompt_as_sent=self.prompt,
             scheduler=self.scheduler,
@@ -82,6 +84,14 @@ class GenerationSettings(StrictModel):
             seed=seed,
         )
 
+    def edit_spec(self) -> EditSpec | None:
+        """The image edit this request asks for; None for text to image."""
+        return None
+
+
+# A base64 image of MAX_DECODE_PIXELS (app/editing.py) fits; the body limit (MAX_IMAGE_BODY_BYTES) applies first.
+Base64Image = Annotated[str, Field(min_length=1, max_length=64 * 1024 * 1024)]
+
 
 class GenerateRequest(GenerationSettings):
     brand_id: LoraId | None = Field(None, description="apply this brand's LoRA (latest version unless `version`)")
@@ -91,18 +101,73 @@ class GenerateRequest(GenerationSettings):
         None, description="several LoRAs composed, each with its own weight"
     )
     strict: bool = Field(False, description="fail with 422 instead of falling back when a LoRA cannot be applied")
+    # Image editing (docs/editing.md): img2img with `init_image`, inpainting with `mask_image` too.
+    init_image: Base64Image | None = Field(
+        None,
+        description="img2img: base64 PNG/JPEG/WebP (a data:image/...;base64, prefix is accepted), "
+        "resized to width x height",
+    )
+    strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.75, description="how much of init_image is repainted: 0 keeps it, 1 starts from noise"
+    )
+    mask_image: Base64Image | None = Field(
+        None, description="inpainting: white = repaint, black = keep; the size of init_image"
+    )
+    mask_blur: Annotated[int, Field(ge=0, le=64)] = Field(4, description="blur radius of the mask, pixels")
+    mask_invert: bool = Field(False, description="black = repaint instead")
+    inpaint_only_masked: bool = Field(
+        False, description="inpaint only the mask's box (plus inpaint_padding), at the full width x height"
+    )
+    inpaint_padding: Annotated[int, Field(ge=0, le=256)] = Field(
+        32, description="pixels around the mask's box in inpaint_only_masked mode"
+    )
+    _edit: EditSpec | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _decode_images(self) -> GenerateRequest:
+        """The images are decoded and checked here, once, for every route built on this request."""
+        if self.init_image is None:
+            if self.mask_image is not None:
+                raise ValueError("mask_image needs init_image (the image to repaint)")
+            return self
+        image = decode_base64_image(self.init_image, "init_image")
+        mask = decode_base64_image(self.mask_image, "mask_image") if self.mask_image is not None else None
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(
+                f"strength {self.strength:g} x num_inference_steps {self.num_inference_steps} leaves no denoising "
+                "step; raise strength or num_inference_steps"
+            )
+        self._edit = build_edit(
+            init_image=image, mask_image=mask, width=self.width, height=self.height, strength=self.strength,
+            mask_blur=self.mask_blur, mask_invert=self.mask_invert, inpaint_only_masked=self.inpaint_only_masked,
+            inpaint_padding=self.inpaint_padding,
+        )  # fmt: skip
+        return self
+
+    def edit_spec(self) -> EditSpec | None:
+        return self._edit
 
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         json_schema_extra={
             "examples": [
-                {"prompt": "a red coffee cup on a table", "width": 256, "height": 256, "num_inference_steps": 20,
-                 "seed": 42},
+                {
+                    "prompt": "a red coffee cup on a table",
+                    "width": 256,
+                    "height": 256,
+                    "num_inference_steps": 20,
+                    "seed": 42,
+                },
                 {"prompt": "a red coffee cup on a table", "brand_id": "acme", "lora_weights": 0.8, "seed": 42},
-                {"prompt": "a phone on a desk", "seed": 7, "lora_configs": [
-                    {"brand_id": "acme", "weight": 0.7, "type": "style"},
-                    {"brand_id": "studio-light", "weight": 0.4, "type": "photography"}]},
+                {
+                    "prompt": "a phone on a desk",
+                    "seed": 7,
+                    "lora_configs": [
+                        {"brand_id": "acme", "weight": 0.7, "type": "style"},
+                        {"brand_id": "studio-light", "weight": 0.4, "type": "photography"},
+                    ],
+                },
             ]
         },
     )
@@ -257,12 +322,21 @@ class AbTestRequest(GenerationSettings):
         "strict": True,
         "json_schema_extra": {
             "examples": [
-                {"prompt": "a red coffee cup on a table", "seed": 42, "width": 256, "height": 256,
-                 "grid": [{"brand_id": "acme", "weights": [0.2, 0.8]},
-                          {"brand_id": "globex", "weights": [0.0, 0.5]}]},
-                {"prompt": "a phone on a desk", "seeds": [1, 2], "variants": [
-                    {"lora_configs": []},
-                    {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}]},
+                {
+                    "prompt": "a red coffee cup on a table",
+                    "seed": 42,
+                    "width": 256,
+                    "height": 256,
+                    "grid": [
+                        {"brand_id": "acme", "weights": [0.2, 0.8]},
+                        {"brand_id": "globex", "weights": [0.0, 0.5]},
+                    ],
+                },
+                {
+                    "prompt": "a phone on a desk",
+                    "seeds": [1, 2],
+                    "variants": [{"lora_configs": []}, {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}],
+                },
             ]
         },
     }

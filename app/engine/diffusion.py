@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
 from app.config import Settings
+from app.editing import prepare_edit
 from app.engine.cpu_threads import one_cpu_thread
 from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
@@ -54,6 +57,14 @@ class DiffusionEngine:
         # Each generation gets its own scheduler (they hold per-run state), built from the model's own.
         self._scheduler_class = type(self.pipe.scheduler)
         self._scheduler_config = self.pipe.scheduler.config
+        # Image edits run diffusers' own img2img / inpainting pipelines on the same components (the same
+        # UNet, text encoder and VAE objects), so merged LoRA weights apply to them too. Built once.
+        self._edit_pipes = {
+            "img2img": StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False),
+            "inpaint": StableDiffusionInpaintPipeline(**self.pipe.components, requires_safety_checker=False),
+        }
+        for pipe in self._edit_pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         self.compiled = settings.compile_unet
         self.compile_seconds = self._warm_up(settings.compile_warmup_size) if self.compiled else None
 
@@ -156,33 +167,48 @@ class DiffusionEngine:
         # The generators live on the CPU so that a seed gives the same image on every device; one per
         # image, so each image's noise is what it would be alone.
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        pipe = self.pipe if first.edit is None else self._edit_pipes[first.edit.kind]
         # A new scheduler for this call only (the generation lock is held here).
-        self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
+        pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
 
         def step_done(_pipe, _step, _timestep, tensors):
             if on_step is not None:
                 on_step()
             return tensors
 
+        single = len(specs) == 1  # a single job is called exactly as diffusers' own single-image call
         if embeddings is not None:
             text = {"prompt_embeds": embeddings[0], "negative_prompt_embeds": embeddings[1]}
-        elif len(specs) == 1:  # a single job is called exactly as diffusers' own single-image call
+        elif single:
             text = {"prompt": first.prompt, "negative_prompt": first.negative_prompt or None}
         else:
             negatives = [spec.negative_prompt or "" for spec in specs]
             text = {"prompt": [spec.prompt for spec in specs], "negative_prompt": negatives if any(negatives) else None}
+        call = dict(
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators[0] if single else generators,
+            output_type=output_type,
+            callback_on_step_end=step_done,
+        )
+        edits = None
+        if first.edit is None:
+            call.update(width=first.width, height=first.height)
+        else:
+            edits = [prepare_edit(spec.edit, spec.width, spec.height) for spec in specs]
+            call["strength"] = first.edit.strength
+            call["image"] = edits[0].image if single else [edit.image for edit in edits]
+            if first.edit.kind == "inpaint":
+                # The original is pasted back outside the mask, on the PIL image.
+                call.update(width=first.width, height=first.height, output_type="pil")
+                call["mask_image"] = edits[0].mask if single else [edit.mask for edit in edits]
         with torch.inference_mode():
-            images = self.pipe(
-                **text,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators[0] if len(specs) == 1 else generators,
-                output_type=output_type,
-                callback_on_step_end=step_done,
-            ).images
-        return list(images)
+            images = list(pipe(**text, **call).images)
+        if edits is not None and first.edit.kind == "inpaint":
+            images = [edit.finish(image) for edit, image in zip(edits, images, strict=True)]
+            if output_type == "np":
+                images = [np.asarray(image, dtype=np.float32) / 255 for image in images]
+        return images
 
     def _encode_per_set(self, jobs: list[GenerationJob]) -> tuple:
         """Prompt embeddings of a mixed batch: each LoRA set's text-encoder layers merged in turn for its
