@@ -83,6 +83,7 @@ def build_edit(
     mask_invert: bool = False,
     inpaint_only_masked: bool = False,
     inpaint_padding: int = 32,
+    masked_content: str = "original",
 ) -> EditSpec:
     """The edit of a request: the init image resized to width x height (RGB), the mask (white = repaint)
     checked against the image's own size, then resized the same way."""
@@ -109,6 +110,7 @@ def build_edit(
         mask_blur=mask_blur,
         only_masked_padding=inpaint_padding if (inpaint_only_masked and mask is not None) else None,
         source_size=source_size,
+        fill=masked_content == "fill" and mask is not None,
     )
 
 
@@ -164,11 +166,24 @@ def prepare_edit(edit: EditSpec, width: int, height: int) -> PreparedEdit:
     if edit.mask_blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(edit.mask_blur))
     if edit.only_masked_padding is None:
-        return PreparedEdit(original, mask, original, mask, None)
+        image = fill(original, mask) if edit.fill else original
+        return PreparedEdit(image, mask, original, mask, None)
     crop = expand_to_ratio(padded_box(mask, edit.only_masked_padding), width, height, *mask.size)
     image = original.crop(crop).resize((width, height), Image.Resampling.LANCZOS)
     crop_mask = mask.crop(crop).resize((width, height), Image.Resampling.LANCZOS)
-    return PreparedEdit(image, crop_mask, original, mask, crop)
+    return PreparedEdit(fill(image, crop_mask) if edit.fill else image, crop_mask, original, mask, crop)
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "masked content: fill": the masked area takes the blurred colours of its surroundings."""
+    result = Image.new("RGBA", image.size)
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            result.alpha_composite(blurred)
+    return result.convert("RGB")
 
 
 def padded_box(mask: Image.Image, padding: int) -> tuple[int, int, int, int]:

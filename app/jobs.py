@@ -23,6 +23,7 @@ class EditSpec:
     mask_blur: int = 4  # Gaussian blur radius of the mask, pixels
     only_masked_padding: int | None = None  # inpaint only the mask's box plus this padding, at full size
     source_size: tuple[int, int] | None = None  # the init image as sent, before resizing
+    fill: bool = False  # inpainting: the masked area starts from the surroundings' blurred colours, not the image
 
     @property
     def kind(self) -> str:

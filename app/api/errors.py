@@ -96,6 +96,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     detail = []
     for error in exc.errors():
         loc = [part if isinstance(part, int) else printable(str(part)) for part in error.get("loc", ())]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # a rule across fields (e.g. an image check) names its field
+            loc.append(cause.field)
         item = {"loc": loc, "msg": printable(str(error.get("msg", ""))), "type": error.get("type", "")}
         if "input" in error and _safe_input(error["input"]) is not None:
             item["input"] = _safe_input(error["input"])

@@ -121,6 +121,9 @@ class GenerateRequest(GenerationSettings):
     inpaint_padding: Annotated[int, Field(ge=0, le=256)] = Field(
         32, description="pixels around the mask's box in inpaint_only_masked mode"
     )
+    masked_content: Literal["original", "fill"] = Field(
+        "original", description="inpainting starts from the image (original) or its surroundings' colours (fill)"
+    )
     _edit: EditSpec | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -140,7 +143,7 @@ class GenerateRequest(GenerationSettings):
         self._edit = build_edit(
             init_image=image, mask_image=mask, width=self.width, height=self.height, strength=self.strength,
             mask_blur=self.mask_blur, mask_invert=self.mask_invert, inpaint_only_masked=self.inpaint_only_masked,
-            inpaint_padding=self.inpaint_padding,
+            inpaint_padding=self.inpaint_padding, masked_content=self.masked_content,
         )  # fmt: skip
         return self
 
