@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -215,3 +217,44 @@ def png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---- progress and interrupt ------------------------------------------------------------------------------
+
+LONG_STEPS = 60  # long enough to be seen running (each step is reported), short enough to run to the end
+
+
+def wait_for(condition, what: str, timeout_s: float = 120):
+    """Poll the server's state until `condition()` holds (a hang guard, not a timer)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_progress_is_idle_when_nothing_runs(api):
+    progress = api.get_progress()
+
+    assert progress["progress"] == 0 and progress["state"]["job_count"] == 0 and progress["current_image"] is None
+
+
+def test_interrupt_stops_a_long_generation_at_its_next_step_with_the_image_reached(api, server):
+    fields = dict(prompt=PROMPT, seed=77, width=SIZE, height=SIZE, steps=LONG_STEPS)
+    replies: list = []
+    worker = threading.Thread(target=lambda: replies.append(api.txt2img(**fields, n_iter=2)))
+    worker.start()
+
+    running = wait_for(lambda: (p := api.get_progress())["state"]["sampling_step"] >= 2 and p, "a step to be reported")
+    api.interrupt()
+    worker.join(120)
+
+    assert running["state"]["sampling_steps"] == LONG_STEPS and running["state"]["job_count"] == 2
+    assert 0 < running["progress"] < 1 and running["state"]["interrupted"] is False
+    preview = Image.open(io.BytesIO(base64.b64decode(running["current_image"])))
+    assert preview.size == (SIZE // 8, SIZE // 8)  # the latent preview
+    (result,) = replies
+    assert len(result.images) == 1 and result.info["all_seeds"] == [77]  # the second image never started
+    full = api.txt2img(**fields)
+    assert np.abs(array(result.image) - array(full.image)).max() > 0  # stopped before the last step
+    assert api.get_progress()["state"]["job_count"] == 0

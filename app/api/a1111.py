@@ -8,14 +8,20 @@ sends.
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
+import time
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.api.schemas import MAX_SEED, GenerateRequest
+from app.editing import png
 from app.errors import InvalidRequest
 from app.infotext import model_name
+from app.jobs import StepControl
 
 # A1111's sampler names -> ours (app/samplers.py).
 SAMPLERS: dict[str, str] = {
@@ -348,3 +354,102 @@ def _pairs(line: str):
         yield key, str(value)
         comma = line.find(",", end)
         i = len(line) if comma < 0 else comma + 1
+
+
+# ---- /progress and /interrupt ---------------------------------------------------------------------------
+
+
+class Task:
+    """One txt2img/img2img request being served: its images' steps as A1111's progress reports them."""
+
+    def __init__(self, job_count: int):
+        self.job_count = job_count
+        self.job_no = 0  # the image being generated
+        self.step = 0
+        self.steps = 0
+        self.preview = None  # the latest latent preview (an RGB uint8 array)
+        self.interrupted = False
+        self.started_at: float | None = None
+        self.control: StepControl | None = None
+        self._lock = threading.Lock()
+
+    def next_control(self, job_no: int) -> StepControl:
+        """The StepControl of image `job_no`: its steps are reported here, and an interrupt stops it."""
+        with self._lock:
+            self.job_no, self.step = job_no, 0
+            self.control = StepControl(listener=self._on_step, preview_every=1, on_start=self._on_start)
+            if self.interrupted:
+                self.control.finish_early()
+            return self.control
+
+    def _on_start(self) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def _on_step(self, step: int, steps: int, preview) -> None:
+        self.step, self.steps = step, steps
+        if preview is not None:
+            self.preview = preview
+
+    def interrupt(self) -> None:
+        """The image being generated stops at its next step (its reply has the image reached); no more follow."""
+        with self._lock:
+            self.interrupted = True
+            if self.control is not None:
+                self.control.finish_early()
+
+    @property
+    def running(self) -> bool:
+        return self.control is not None and self.control.started
+
+    def report(self, with_image: bool) -> dict:
+        done = (self.job_no + (self.step / self.steps if self.steps else 0.0)) / self.job_count
+        elapsed = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        image = None
+        if with_image and self.preview is not None:
+            image = base64.b64encode(png(Image.fromarray(self.preview))).decode("ascii")
+        return {
+            "progress": round(done, 4),
+            "eta_relative": round(elapsed / done - elapsed, 3) if done > 0 else 0.0,
+            "state": {"skipped": False, "interrupted": self.interrupted, "stopping_generation": False,
+                      "job": f"task({self.job_no})", "job_count": self.job_count, "job_no": self.job_no,
+                      "job_timestamp": "0", "sampling_step": self.step, "sampling_steps": self.steps},
+            "current_image": image,
+            "textinfo": None,
+        }  # fmt: skip
+
+
+class Progress:
+    """The A1111 requests being served, oldest first: /progress reports the one that runs, /interrupt stops it."""
+
+    def __init__(self):
+        self._tasks: list[Task] = []
+        self._lock = threading.Lock()
+
+    def begin(self, job_count: int) -> Task:
+        task = Task(job_count)
+        with self._lock:
+            self._tasks.append(task)
+        return task
+
+    def end(self, task: Task) -> None:
+        with self._lock:
+            self._tasks.remove(task)
+
+    def current(self) -> Task | None:
+        with self._lock:
+            running = [t for t in self._tasks if t.running]
+            return running[0] if running else (self._tasks[0] if self._tasks else None)
+
+    def report(self, with_image: bool = True) -> dict:
+        task = self.current()
+        if task is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None, "state": {
+                "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+                "job_no": 0, "job_timestamp": "0", "sampling_step": 0, "sampling_steps": 0}}  # fmt: skip
+        return task.report(with_image)
+
+    def interrupt(self) -> None:
+        task = self.current()
+        if task is not None:
+            task.interrupt()

@@ -30,13 +30,40 @@ async def _images(body: a1111.Txt2ImgRequest, service, request: Request) -> dict
     service.check_limits(generate.width, generate.height, generate.num_inference_steps, len(specs))
     seeds = a1111.seeds(body, draw_seed)
     images, infotexts = [], []
-    for seed in seeds:
-        spec = generate.spec(seed)
-        outcome = await service.generate(spec, specs, strict=False, disconnected=request.is_disconnected)
-        images.append(outcome.image_base64)
-        infotexts.append(generation_infotext(spec, outcome.loras, settings.model_id))
+    task = _progress(request).begin(len(seeds))
+    try:
+        for job_no, seed in enumerate(seeds):
+            if task.interrupted and images:  # A1111's interrupt: the image reached is answered, no more follow
+                break
+            spec = generate.spec(seed)
+            control = task.next_control(job_no)
+            outcome = await service.generate(spec, specs, disconnected=request.is_disconnected, control=control)
+            images.append(outcome.image_base64)
+            infotexts.append(generation_infotext(spec, outcome.loras, settings.model_id))
+    finally:
+        _progress(request).end(task)
+    seeds = seeds[: len(images)]
     info = a1111.info(body, seeds, display_name(generate.scheduler), infotexts, settings.model_id)
     return {"images": images if body.send_images else [], "parameters": a1111.parameters(body), "info": info}
+
+
+def _progress(request: Request) -> a1111.Progress:
+    state = request.app.state
+    if getattr(state, "a1111_progress", None) is None:
+        state.a1111_progress = a1111.Progress()
+    return state.a1111_progress
+
+
+@router.get("/progress")
+def progress(request: Request, skip_current_image: bool = False) -> dict:
+    """The running txt2img/img2img request: its step, its images, a preview; 0 and job_count 0 when idle."""
+    return _progress(request).report(with_image=not skip_current_image)
+
+
+@router.post("/interrupt")
+def interrupt(request: Request) -> None:
+    """The running generation stops at its next step; its txt2img/img2img call answers with the image reached."""
+    _progress(request).interrupt()
 
 
 @router.post("/txt2img")
