@@ -112,6 +112,23 @@ def test_img2img_batched_equals_the_single_images(engine):
     assert np.abs(singles[0] - singles[1]).max() > 0.05
 
 
+def test_inpainting_batched_equals_the_single_images_and_keeps_each_outside(engine, make_lora, tmp_path):
+    lora = (ActiveAdapter("batch-lora", engine.load_adapter(make_lora(tmp_path / "b.safetensors", seed=43)), 0.8),)
+    masks = [square_mask(), square_mask(box=(8, 30, 40, 60))]
+    jobs = [GenerationJob(edit_spec(seed=3, image=init_image(1), mask=masks[0])),  # the base model
+            GenerationJob(edit_spec(seed=4, image=init_image(2), mask=masks[1]), lora)]  # fmt: skip
+
+    singles = [engine.generate(j, output_type="np").image for j in jobs]
+    batched = engine.generate_batch(jobs, output_type="np")  # two LoRA sets: per-image deltas
+
+    for i, (single, result) in enumerate(zip(singles, batched, strict=True)):
+        # Inpainting's output is 8-bit (the original is pasted back on the PNG's pixels): the bound in levels.
+        levels = np.abs(np.round(single * 255) - np.round(result.image * 255))
+        assert result.batch_size == 2 and levels.max() <= 1
+        outside = blurred(masks[i]) == 0
+        np.testing.assert_array_equal(result.image[outside], np.asarray(init_image(i + 1))[outside] / np.float32(255))
+
+
 def test_edit_jobs_batch_only_with_edits_of_the_same_kind_and_strength():
     txt = GenerationJob(GenerationSpec(PROMPT, None, SIZE, SIZE, STEPS, GUIDANCE, 1))
     a = GenerationJob(edit_spec(seed=1, image=init_image(1)))
