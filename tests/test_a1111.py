@@ -164,6 +164,13 @@ REFUSED = [
     ("override_settings", {"override_settings": {"sd_model_checkpoint": "sdxl_base"}}),
     ("override_settings", {"override_settings": {"sd_vae": "other.vae"}}),
     ("seed_resize_from_w", {"seed_resize_from_w": 128}),
+    ("seed_resize_from_h", {"seed_resize_from_h": 128}),
+    ("override_settings", {"override_settings": {"CLIP_stop_at_last_layers": 2}}),
+    ("alwayson_scripts", {"alwayson_scripts": {"ADetailer": [True, {"ad_model": "face_yolov8n.pt"}]}}),
+    ("s_tmin", {"s_tmin": 0.5}),
+    ("s_tmax", {"s_tmax": 10.0}),
+    ("seed", {"seed": 2**32}),
+    ("prompt", {"prompt": ""}),
     ("eta", {"eta": 0.5}),
     ("s_churn", {"s_churn": 1.0}),
     ("s_noise", {"s_noise": 0.9}),
@@ -182,6 +189,9 @@ REFUSED_IMG2IMG = [
     ("init_images", {"init_images": []}),
     ("init_images", {"init_images": ["aGVsbG8="]}),
     ("mask", {"mask": "aGVsbG8="}),
+    ("init_images", {"init_images": ["a", "b"]}),
+    ("mask_blur_x", {"mask_blur_x": 2, "mask_blur_y": 6}),
+    ("denoising_strength", {"denoising_strength": 1.5}),
 ]
 
 
