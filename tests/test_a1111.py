@@ -217,6 +217,12 @@ def test_img2img_refuses_what_it_cannot_honour_naming_the_field(server, field, f
     assert r.json()["detail"][0]["loc"][-1] == field, r.text
 
 
+def test_a_lora_that_cannot_be_applied_is_refused_not_left_out(server):
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**TXT, "prompt": "a cup <lora:nope:0.5>"}, timeout=60)
+
+    assert r.status_code == 422 and "nope" in r.text, r.text
+
+
 def test_options_refuse_another_model(server):
     r = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl_base"}, timeout=30)
 

@@ -37,7 +37,10 @@ async def _images(body: a1111.Txt2ImgRequest, service, request: Request) -> dict
                 break
             spec = generate.spec(seed)
             control = task.next_control(job_no)
-            outcome = await service.generate(spec, specs, disconnected=request.is_disconnected, control=control)
+            # strict: A1111's reply has no warnings, so a LoRA that cannot be applied is a 422, never left out.
+            outcome = await service.generate(
+                spec, specs, strict=True, disconnected=request.is_disconnected, control=control
+            )
             images.append(outcome.image_base64)
             infotexts.append(generation_infotext(spec, outcome.loras, settings.model_id))
     finally:
