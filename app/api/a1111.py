@@ -195,12 +195,12 @@ def refuse_unhonoured(body: Txt2ImgRequest, model_id: str) -> None:
     if body.s_tmax not in (None, 0.0) and body.s_tmax != float("inf"):
         refuse("s_tmax", "is not supported")
     for key, value in (body.override_settings or {}).items():
-        if key == "sd_model_checkpoint" and value in (model_name(model_id), model_title(model_id)):
+        if key == "sd_model_checkpoint" and value == model_name(model_id):
             continue
         if key == "CLIP_stop_at_last_layers" and value == 1:
             continue
         if key == "sd_model_checkpoint":
-            refuse("override_settings", f"asks for the model {value!r}; this service serves {model_title(model_id)!r}")
+            refuse("override_settings", f"asks for the model {value!r}; this service serves {model_name(model_id)!r}")
         refuse("override_settings", f"sets {key!r}, a setting this service does not have")
     if isinstance(body, Img2ImgRequest):
         if body.resize_mode != 0:
@@ -211,10 +211,6 @@ def refuse_unhonoured(body: Txt2ImgRequest, model_id: str) -> None:
             refuse("inpainting_fill", f"{body.inpainting_fill} (latent noise or nothing; 0 fill and 1 original are)")
         if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
             refuse("mask_blur_x", "differing from mask_blur_y is not supported")
-
-
-def model_title(model_id: str) -> str:
-    return model_name(model_id)
 
 
 def seeds(body: Txt2ImgRequest, draw_seed) -> list[int]:
