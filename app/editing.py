@@ -2,8 +2,8 @@
 work around the denoising loop (mask blur, the crop of "inpaint only the masked area", pasting the
 original back outside the mask, as AUTOMATIC1111 does). Torch-free: PIL only.
 
-The edit crosses the request path as `EditSpec` (app/jobs.py): PNG bytes, not images, so it pickles to
-a Ray replica like the rest of the spec.
+The edit crosses the request path as `EditSpec` (app/jobs.py): base64 PNGs, not images, so it pickles to
+a Ray replica and goes into a job store (JSON) like the rest of the spec.
 """
 
 from __future__ import annotations
@@ -72,6 +72,15 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def png_base64(image: Image.Image) -> str:
+    return base64.b64encode(png(image)).decode("ascii")
+
+
+def _open(data: str) -> Image.Image:
+    """An EditSpec image (base64 PNG, made by `build_edit`)."""
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
 def build_edit(
     *,
     init_image: Image.Image,
@@ -104,9 +113,9 @@ def build_edit(
             raise InvalidRequest("mask_image", "mask_image is black everywhere: nothing to repaint (white = repaint)")
         mask = resize(mask, width, height)
     return EditSpec(
-        image=png(image),
+        image=png_base64(image),
         strength=strength,
-        mask=png(mask) if mask is not None else None,
+        mask=png_base64(mask) if mask is not None else None,
         mask_blur=mask_blur,
         only_masked_padding=inpaint_padding if (inpaint_only_masked and mask is not None) else None,
         source_size=source_size,
@@ -159,10 +168,10 @@ class PreparedEdit:
 
 
 def prepare_edit(edit: EditSpec, width: int, height: int) -> PreparedEdit:
-    original = Image.open(io.BytesIO(edit.image)).convert("RGB")
+    original = _open(edit.image).convert("RGB")
     if edit.mask is None:
         return PreparedEdit(original, None, original, None, None)
-    mask = Image.open(io.BytesIO(edit.mask)).convert("L")
+    mask = _open(edit.mask).convert("L")
     if edit.mask_blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(edit.mask_blur))
     if edit.only_masked_padding is None:

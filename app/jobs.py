@@ -16,16 +16,21 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class EditSpec:
-    """An image edit (app/editing.py): img2img, or inpainting when there is a mask. Plain bytes, so the
-    edit crosses to a replica as the rest of the spec does."""
+    """An image edit (app/editing.py): img2img, or inpainting when there is a mask. Plain JSON values (the
+    images as base64 PNG), so the edit crosses to a replica and into a job store as the rest of the spec
+    does: `GenerationSpec(**json.loads(json.dumps(asdict(spec))))` is the same spec."""
 
-    image: bytes  # PNG, RGB, already at the spec's width x height
+    image: str  # base64 PNG, RGB, already at the spec's width x height
     strength: float = 0.75  # how much is repainted: 0 keeps the image, 1 starts from pure noise
-    mask: bytes | None = None  # PNG, L, width x height; white = repaint
+    mask: str | None = None  # base64 PNG, L, width x height; white = repaint
     mask_blur: int = 4  # Gaussian blur radius of the mask, pixels
     only_masked_padding: int | None = None  # inpaint only the mask's box plus this padding, at full size
     source_size: tuple[int, int] | None = None  # the init image as sent, before resizing
     fill: bool = False  # inpainting: the masked area starts from the surroundings' blurred colours, not the image
+
+    def __post_init__(self):
+        if self.source_size is not None and not isinstance(self.source_size, tuple):
+            object.__setattr__(self, "source_size", tuple(self.source_size))  # read back from JSON
 
     @property
     def kind(self) -> str:
@@ -48,6 +53,10 @@ class GenerationSpec:
     # the text encoder reads) has the tags removed. None: the same as `prompt`.
     prompt_as_sent: str | None = None
     edit: EditSpec | None = None  # img2img / inpainting; None = text to image
+
+    def __post_init__(self):
+        if isinstance(self.edit, dict):  # read back from JSON (asdict)
+            object.__setattr__(self, "edit", EditSpec(**self.edit))
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,18 @@ def test_inpainting_batched_equals_the_single_images_and_keeps_each_outside(engi
         np.testing.assert_array_equal(result.image[outside], np.asarray(init_image(i + 1))[outside] / np.float32(255))
 
 
+def test_an_edit_spec_goes_through_json_and_pickle_unchanged(engine):
+    import json
+    import pickle
+    from dataclasses import asdict
+
+    spec = edit_spec(seed=9, mask=square_mask(), only_masked=True)
+
+    from_json = GenerationSpec(**json.loads(json.dumps(asdict(spec))))  # what a job store does
+    assert from_json == spec and pickle.loads(pickle.dumps(spec)) == spec  # what a Ray replica gets
+    np.testing.assert_array_equal(render(engine, from_json), render(engine, spec))
+
+
 def test_edit_jobs_batch_only_with_edits_of_the_same_kind_and_strength():
     txt = GenerationJob(GenerationSpec(PROMPT, None, SIZE, SIZE, STEPS, GUIDANCE, 1))
     a = GenerationJob(edit_spec(seed=1, image=init_image(1)))

@@ -94,15 +94,8 @@ class RemoteGenerationService(GenerationService):
         return self.planner.route(lora_set_key(self.registry, loras))
 
     async def generate(
-        self,
-        spec: GenerationSpec,
-        loras: Sequence[LoraSpec],
-        strict: bool = False,
-        disconnected: Disconnected = None,
-        control=None,
+        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
     ) -> RemoteOutcome:
-        """`control` (a StepControl) does not cross to a replica yet: its steps are not reported here and
-        it cannot stop the image (A1111's /progress and /interrupt are in-process only)."""
         start = time.perf_counter()
         key, slot = self.routing_key(loras)
         attempts = self.settings.ray_retries + 1
