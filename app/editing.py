@@ -94,8 +94,8 @@ def build_edit(
     inpaint_padding: int = 32,
     masked_content: str = "original",
 ) -> EditSpec:
-    """The edit of a request: the init image resized to width x height (RGB), the mask (white = repaint)
-    checked against the image's own size, then resized the same way."""
+    """The edit of a request: the init image resized to width x height (RGB; in only-masked inpainting it
+    keeps its own size), the mask (white = repaint) checked against the image's size, then resized alike."""
     if mask_image is not None and mask_image.size != init_image.size:
         raise InvalidRequest(
             "mask_image",
@@ -103,7 +103,11 @@ def build_edit(
             f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size",
         )
     source_size = init_image.size
-    image = resize(init_image.convert("RGB"), width, height)
+    # Only-masked inpainting keeps the image's own size, as A1111's "inpaint only masked" does: the mask's
+    # box is what is painted at width x height, then pasted back into the image.
+    only_masked = inpaint_only_masked and mask_image is not None
+    out_width, out_height = source_size if only_masked else (width, height)
+    image = resize(init_image.convert("RGB"), out_width, out_height)
     mask = None
     if mask_image is not None:
         mask = mask_image.convert("L")
@@ -111,7 +115,7 @@ def build_edit(
             mask = ImageOps.invert(mask)
         if mask.getextrema()[1] == 0:
             raise InvalidRequest("mask_image", "mask_image is black everywhere: nothing to repaint (white = repaint)")
-        mask = resize(mask, width, height)
+        mask = resize(mask, out_width, out_height)
     return EditSpec(
         image=png_base64(image),
         strength=strength,

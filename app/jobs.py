@@ -20,9 +20,9 @@ class EditSpec:
     images as base64 PNG), so the edit crosses to a replica and into a job store as the rest of the spec
     does: `GenerationSpec(**json.loads(json.dumps(asdict(spec))))` is the same spec."""
 
-    image: str  # base64 PNG, RGB, already at the spec's width x height
+    image: str  # base64 PNG, RGB, at the spec's width x height (only-masked inpainting: the image's own size)
     strength: float = 0.75  # how much is repainted: 0 keeps the image, 1 starts from pure noise
-    mask: str | None = None  # base64 PNG, L, width x height; white = repaint
+    mask: str | None = None  # base64 PNG, L, the image's size; white = repaint
     mask_blur: int = 4  # Gaussian blur radius of the mask, pixels
     only_masked_padding: int | None = None  # inpaint only the mask's box plus this padding, at full size
     source_size: tuple[int, int] | None = None  # the init image as sent, before resizing

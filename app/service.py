@@ -139,8 +139,9 @@ class GenerationService:
             image=result.image,
             png=png,
             seed=spec.seed,
-            width=spec.width,
-            height=spec.height,
+            # The image's own size: only-masked inpainting answers at the init image's size.
+            width=image_size(result.image, spec)[0],
+            height=image_size(result.image, spec)[1],
             loras=applied,
             warnings=warnings + result.warnings,
             queue_ms=queue_ms,
@@ -150,6 +151,12 @@ class GenerationService:
             batch_size=result.batch_size,
             stopped_at=result.stopped_at,
         )
+
+
+def image_size(image, spec: GenerationSpec) -> tuple[int, int]:
+    """A PIL image's (width, height); the spec's size for anything else."""
+    size = getattr(image, "size", None)
+    return size if isinstance(size, tuple) else (spec.width, spec.height)
 
 
 def round_ms(ms: float) -> float:

@@ -110,6 +110,18 @@ def test_inpainting_keeps_the_outside_of_the_mask(api, full_res):
     assert "Mask blur: 4" in result.info["infotexts"][0]
 
 
+def test_only_masked_inpainting_answers_at_the_init_images_own_size(api):
+    source = init_image(4, size=96).crop((0, 0, 96, 80))
+    mask = Image.new("L", source.size, 0)
+    mask.paste(255, (50, 30, 80, 60))
+
+    result = api.img2img(images=[source], mask_image=mask, prompt=PROMPT, seed=8, width=SIZE, height=SIZE)
+
+    assert result.image.size == (96, 80)  # as A1111 does with inpaint_full_res (webuiapi's default)
+    outside = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    np.testing.assert_array_equal(array(result.image)[outside], array(source)[outside])
+
+
 def test_inverted_mask_keeps_the_inside(api):
     mask = square_mask(box=(16, 16, 48, 48))
     result = api.img2img(

@@ -200,6 +200,22 @@ def test_inpainting_only_the_masked_area_keeps_the_outside(engine):
     assert np.abs(ours.astype(int) - whole).max() > 0  # the crop was painted at full size: another image
 
 
+def test_inpainting_only_the_masked_area_keeps_the_images_own_size(engine):
+    source = init_image(4, size=96).crop((0, 0, 96, 80))  # another size and ratio than the 64x64 asked for
+    mask = Image.new("L", source.size, 0)
+    mask.paste(255, (50, 30, 80, 60))
+    edit = build_edit(init_image=source, mask_image=mask, width=SIZE, height=SIZE, strength=STRENGTH, mask_blur=4,
+                      inpaint_only_masked=True, inpaint_padding=4)  # fmt: skip
+    spec = GenerationSpec(PROMPT, None, SIZE, SIZE, STEPS, GUIDANCE, 5, edit=edit)
+
+    out = np.asarray(engine.generate(GenerationJob(spec), output_type="pil").image)
+
+    assert out.shape == (80, 96, 3)  # A1111's "only masked": the mask's box is painted at 64x64, pasted back
+    weights = blurred(mask)
+    np.testing.assert_array_equal(out[weights == 0], np.asarray(source)[weights == 0])
+    assert np.abs(out[weights == 255].astype(int) - np.asarray(source)[weights == 255]).mean() > 5
+
+
 # ---- over HTTP ----------------------------------------------------------------------------------------
 
 
