@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64 * 64)
     max_steps: int = Field(100, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_image_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="the body limit of requests that may carry images (editing)"
+    )
 
     # A/B tests
     ab_max_variants: int = Field(16, ge=1, le=256)

@@ -10,7 +10,8 @@ The prompt is the one the client sent (prompt tags included), followed by a `<lo
 each LoRA the request gave outside the prompt (`brand_id`, `lora_configs`), so that the infotext alone
 reproduces the image (`parse_infotext(...).generate_request()`); the negative prompt line is left out
 when there is none; `Lora hashes` (brand id: first 10 hex digits of the file's sha256) is left out
-when no LoRA was applied (a LoRA at weight 0 does not count: its image is the base image).
+when no LoRA was applied (a LoRA at weight 0 does not count: its image is the base image). An image
+edit adds `Denoising strength` (and, inpainting, `Mask blur`) before it.
 Values holding ',', ':' or a newline are JSON-quoted, as A1111 does.
 Torch-free.
 """
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.jobs import EditSpec
 from app.samplers import SAMPLER_DISPLAY_NAMES, display_name
 
 PNG_TEXT_KEY = "parameters"
@@ -66,6 +68,7 @@ def build_infotext(
     height: int,
     model_id: str,
     loras: Sequence[tuple[str, str]] = (),
+    edit: EditSpec | None = None,
 ) -> str:
     fields = [
         ("Steps", steps),
@@ -75,6 +78,12 @@ def build_infotext(
         ("Size", f"{width}x{height}"),
         ("Model", model_name(model_id)),
     ]
+    if edit is not None:  # A1111's names and order for img2img and inpainting
+        fields.append(("Denoising strength", f"{edit.strength:g}"))
+        if edit.mask is not None:
+            fields.append(("Mask blur", edit.mask_blur))
+            if edit.only_masked_padding is not None:
+                fields += [("Inpaint area", "Only masked"), ("Masked area padding", edit.only_masked_padding)]
     if loras:
         fields.append(("Lora hashes", lora_hashes(loras)))
     lines = [prompt]

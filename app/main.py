@@ -15,7 +15,7 @@ from fastapi_offline import FastAPIOffline
 from app import __version__
 from app.access import KeyRing, KeysFileError
 from app.api.errors import add_error_handlers
-from app.api.routes import ab, generate, health, lora, lora_versions, openai_images, train
+from app.api.routes import a1111, ab, generate, health, lora, lora_versions, openai_images, train
 from app.api.routes import metrics as metrics_routes
 from app.api.schemas import show_configured_maxima
 from app.api.security import AuthMiddleware, authorize
@@ -60,9 +60,11 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     state.metrics = metrics = ServiceMetrics(state)
     # Added inside-out: the request context is outermost, so refusals get an id, a log line and a count.
     app.add_middleware(AuthMiddleware, keys=keys)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_image_bytes=settings.max_image_body_bytes
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    routers = (health, metrics_routes, generate, openai_images, lora, lora_versions, train, ab)
+    routers = (health, metrics_routes, generate, openai_images, a1111, lora, lora_versions, train, ab)
     for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)

@@ -249,16 +249,18 @@ class BodyLimitMiddleware:
     any error into a 400 "error parsing the body".
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_image_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_image_bytes = max_bytes if max_image_bytes is None else max_image_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_upload(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)  # uploads are bounded by LORA_MAX_FILE_MB instead
+        limit = self.max_image_bytes if takes_images(scope["method"], scope["path"]) else self.max_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, limit)
         chunks: list[bytes] = []
         received = 0
         while True:
@@ -268,19 +270,27 @@ class BodyLimitMiddleware:
                 return await self.app(scope, _replay([message], receive), send)
             chunk = message.get("body", b"")
             received += len(chunk)
-            if received > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+            if received > limit:
+                return await self._refuse(scope, receive, send, limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
 
-    async def _refuse(self, scope, receive, send) -> None:
+    async def _refuse(self, scope, receive, send, limit: int) -> None:
         response = JSONResponse(
-            status_code=413, content={"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
+            status_code=413, content={"detail": f"request body is larger than the limit of {limit} bytes"}
         )
         await response(scope, receive, send)
+
+
+# Requests that may carry images (init_image, mask_image, multipart files): MAX_IMAGE_BODY_BYTES applies.
+IMAGE_PATHS = ("/generate", "/jobs", "/v1/images/edits", "/sdapi/v1/img2img", "/sdapi/v1/txt2img", "/sdapi/v1/png-info")
+
+
+def takes_images(method: str, path: str) -> bool:
+    return method == "POST" and path.rstrip("/") in IMAGE_PATHS
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

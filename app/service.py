@@ -19,9 +19,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.access import charge_images, check_brands, current_caller, prepay_images
 from app.config import Settings
+from app.editing import check_pixels
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, build_infotext, prompt_with_lora_tags
-from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
+from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec, StepControl
 from app.lora.manager import AcquiredLoras, LoraManager
 from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
@@ -45,6 +46,7 @@ class GenerationOutcome:
     generation_ms: float
     total_ms: float
     batch_size: int = 1  # images in the denoising loop this one ran in
+    stopped_at: int | None = None  # the step it was stopped at (StepControl.finish_early); None: all steps
 
     @property
     def image_base64(self) -> str:
@@ -101,19 +103,39 @@ class GenerationService:
         check_brands(caller, loras)
         (prepay_images if prepay else charge_images)(caller, images)
 
+    def check_edit(self, spec: GenerationSpec) -> None:
+        """An edit's init image as sent is bounded by MAX_PIXELS too (it was decoded within the schema's bound)."""
+        if spec.edit is not None and spec.edit.source_size is not None:
+            check_pixels(spec.edit.source_size, self.settings.max_pixels, "init_image")
+
     async def generate(
-        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
+        self,
+        spec: GenerationSpec,
+        loras: Sequence[LoraSpec],
+        strict: bool = False,
+        disconnected: Disconnected = None,
+        control: StepControl | None = None,
     ) -> GenerationOutcome:
-        """One image: the caller's checks, then reserve a place, acquire the LoRAs, run the job."""
+        """One image: the caller's checks, then reserve a place, acquire the LoRAs, run the job.
+
+        `control` follows the image's denoising steps and can stop it (app/jobs.py `StepControl`); a
+        canceled image raises `JobCanceled`.
+        """
+        self.check_edit(spec)
         self.admit(loras)
-        return await self._generate(spec, loras, strict, disconnected)
+        return await self._generate(spec, loras, strict, disconnected, control)
 
     async def _generate(
-        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool, disconnected: Disconnected
+        self,
+        spec: GenerationSpec,
+        loras: Sequence[LoraSpec],
+        strict: bool,
+        disconnected: Disconnected,
+        control: StepControl | None = None,
     ) -> GenerationOutcome:
         start = time.perf_counter()
         acquired = await self._acquire(loras, strict)
-        return await self.render(spec, acquired, loras, disconnected, start)
+        return await self.render(spec, acquired, loras, disconnected, start, control)
 
     async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False, images: int = 1) -> AcquiredLoras:
         """The caller's checks for `images` images of `loras`, then a place in the queue and the LoRAs.
@@ -139,12 +161,13 @@ class GenerationService:
         loras: Sequence[LoraSpec],
         disconnected: Disconnected = None,
         start: float | None = None,
+        control: StepControl | None = None,
     ) -> GenerationOutcome:
         """Run one job with `loras` (a subset of `acquired`, at their own weights) in the reserved place."""
         start = time.perf_counter() if start is None else start
         adapters, applied, warnings = acquired.select(loras)
         load_ms = acquired.take_load_ms()  # the first image of an acquisition carries its file loading
-        result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters)), disconnected)
+        result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters), control), disconnected)
         if self.metrics is not None:
             self.metrics.generation_seconds.observe(result.generation_ms / 1000)
         infotext = generation_infotext(spec, applied, self.settings.model_id)
@@ -155,8 +178,9 @@ class GenerationService:
             image=result.image,
             png=png,
             seed=spec.seed,
-            width=spec.width,
-            height=spec.height,
+            # The image's own size: only-masked inpainting answers at the init image's size.
+            width=image_size(result.image, spec)[0],
+            height=image_size(result.image, spec)[1],
             loras=applied,
             warnings=warnings + result.warnings,
             queue_ms=queue_ms,
@@ -164,7 +188,14 @@ class GenerationService:
             generation_ms=result.generation_ms,
             total_ms=(time.perf_counter() - start) * 1000,
             batch_size=result.batch_size,
+            stopped_at=result.stopped_at,
         )
+
+
+def image_size(image, spec: GenerationSpec) -> tuple[int, int]:
+    """A PIL image's (width, height); the spec's size for anything else."""
+    size = getattr(image, "size", None)
+    return size if isinstance(size, tuple) else (spec.width, spec.height)
 
 
 def round_ms(ms: float) -> float:
@@ -197,6 +228,7 @@ def generation_infotext(spec: GenerationSpec, applied: list[AppliedLora], model_
         height=spec.height,
         model_id=model_id,
         loras=[(a.brand_id, a.sha256) for a in used],
+        edit=spec.edit,
     )
 
 

@@ -14,7 +14,10 @@ APP = Path(__file__).resolve().parents[1] / "app"
 
 # Lowest first. A module may import its own layer or the ones below it, never one above.
 LAYERS = [
-    ("values", ["app", "app.config", "app.jobs", "app.errors", "app.samplers", "app.infotext", "app.access"]),
+    (
+        "values",
+        ["app", "app.config", "app.jobs", "app.errors", "app.samplers", "app.infotext", "app.access", "app.editing"],
+    ),
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),
     ("request path", ["app.queueing", "app.service", "app.observability", "app.prompt_tags"]),

@@ -7,19 +7,24 @@ MAX_WIDTH/HEIGHT=256, MAX_PIXELS=128*128, MAX_STEPS=10, MAX_BODY_BYTES=4096, LOR
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.config import Settings
 from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 from app.main import create_app
 
 MAX_BODY_BYTES = 4096
+MAX_IMAGE_BODY_BYTES = 256 * 1024  # /generate may carry images
 LIMITS = dict(
+    max_image_body_bytes=MAX_IMAGE_BODY_BYTES,
     max_width=256,
     max_height=256,
     max_pixels=128 * 128,
@@ -29,6 +34,21 @@ LIMITS = dict(
 )
 GOOD = {"prompt": "a red coffee cup", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 3}
 JSON = {"content-type": "application/json"}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _image_b64(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", color=255) -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt)
+    return _b64(buffer.getvalue())
+
+
+def edit(**changes) -> dict:
+    """A good request with image-editing fields (4 steps: strength 0.75 leaves 3)."""
+    return good(num_inference_steps=4, **changes)
 
 
 def good(**changes) -> dict:
@@ -138,7 +158,36 @@ BAD_REQUESTS = [
     Bad("version not vN", "version", good(brand_id="acme", version="latest")),
     Bad("version without brand_id", "version", good(version="v1")),
     # body size
-    Bad("body over MAX_BODY_BYTES with Content-Length", "limit", good(prompt="x" * (MAX_BODY_BYTES + 10)), status=413),
+    Bad(
+        "body over MAX_BODY_BYTES with Content-Length",
+        "limit",
+        {"prompt": "x" * (MAX_BODY_BYTES + 10)},
+        path="/ab-test",
+        status=413,
+    ),
+    Bad("generate body over MAX_IMAGE_BODY_BYTES", "limit", good(prompt="x" * (MAX_IMAGE_BODY_BYTES + 10)), status=413),
+    # image editing
+    Bad("init_image not base64", "init_image", edit(init_image="not base64!")),
+    Bad("init_image not an image", "init_image", edit(init_image=_b64(b"hello, not an image"))),
+    Bad("init_image a GIF", "init_image", edit(init_image=_image_b64((8, 8), "GIF"))),
+    Bad("init_image over MAX_PIXELS", "init_image", edit(init_image=_image_b64((200, 200)))),
+    Bad("init_image a decompression bomb", "decompression bomb", edit(init_image=_image_b64((20000, 20000), mode="1"))),
+    Bad("init_image declaring too many pixels", "pixels", edit(init_image=_image_b64((4200, 4200), mode="1"))),
+    Bad(
+        "mask_image of another size",
+        "mask_image",
+        edit(init_image=_image_b64((64, 64)), mask_image=_image_b64((32, 32), mode="L")),
+    ),
+    Bad(
+        "mask_image black everywhere",
+        "mask_image",
+        edit(init_image=_image_b64((64, 64)), mask_image=_image_b64((64, 64), mode="L", color=0)),
+    ),
+    Bad("mask_image not an image", "mask_image", edit(init_image=_image_b64((64, 64)), mask_image=_b64(b"nope"))),
+    Bad("mask_image without init_image", "init_image", edit(mask_image=_image_b64((64, 64), mode="L"))),
+    Bad("strength above 1", "strength", edit(init_image=_image_b64((64, 64)), strength=1.5)),
+    Bad("strength leaving no step", "strength", edit(init_image=_image_b64((64, 64)), strength=0.2)),
+    Bad("mask_blur negative", "mask_blur", edit(init_image=_image_b64((64, 64)), mask_blur=-1)),
     # other endpoints
     Bad("list limit 0", "limit", method="GET", path="/lora/list?limit=0"),
     Bad("list limit 501", "limit", method="GET", path="/lora/list?limit=501"),
@@ -193,7 +242,7 @@ def test_body_over_the_limit_without_content_length_is_413(client: TestClient):
 
     def chunks():
         yield b'{"prompt": "'
-        for _ in range(MAX_BODY_BYTES // 1000 + 2):
+        for _ in range(MAX_IMAGE_BODY_BYTES // 1000 + 2):
             yield b"x" * 1000
         yield b'"}'
 

@@ -21,6 +21,7 @@ from app.errors import (
     ClientGone,
     GenerationOutOfMemory,
     InvalidRequest,
+    JobCanceled,
     LoraNotFound,
     LoraUnavailable,
     QueueFull,
@@ -69,6 +70,7 @@ ERROR_TABLE: dict[type[Exception], object] = {
     QueueTimeout: lambda e: ErrorAnswer(503, str(e), kind="timeout", headers=RETRY_AFTER),
     ServiceUnavailable: lambda e: ErrorAnswer(503, str(e), kind="unavailable", headers=RETRY_AFTER),
     ClientGone: lambda e: ErrorAnswer(499, "the client closed the connection"),
+    JobCanceled: lambda e: ErrorAnswer(409, str(e), kind="canceled"),
     GenerationOutOfMemory: lambda e: ErrorAnswer(
         503, f"the GPU ran out of memory for this request ({e}); try a smaller size", kind="unavailable",
         headers=RETRY_AFTER,
@@ -112,13 +114,15 @@ OPENAI_TYPES = {429: "rate_limit_error", 503: "server_error", 499: "server_error
                 403: "permission_error"}  # fmt: skip
 
 
-def openai_response(answer: ErrorAnswer) -> JSONResponse:
-    """The same answer in OpenAI's `{"error": {...}}` shape (a 422 is OpenAI's 400)."""
+def openai_response(answer: ErrorAnswer, params: dict[str, str] | None = None) -> JSONResponse:
+    """The same answer in OpenAI's `{"error": {...}}` shape (a 422 is OpenAI's 400); `params` renames our
+    fields to OpenAI's (`init_image` is `image` on the edits endpoint)."""
+    param = "size" if answer.field in ("width", "height") else (params or {}).get(answer.field, answer.field)
     body = {
         "error": {
             "message": answer.message,
             "type": OPENAI_TYPES.get(answer.status, "invalid_request_error"),
-            "param": "size" if answer.field in ("width", "height") else answer.field,
+            "param": param,
             "code": OPENAI_CODES.get(answer.kind, "invalid_value"),
         }
     }
@@ -168,6 +172,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                 status_code=422, content={"detail": [{"loc": ["body"], "msg": problem, "type": "body_not_json"}]}
             )
         loc = [part if isinstance(part, int) else printable(str(part)) for part in error.get("loc", ())]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # a rule across fields (e.g. an image check) names its field
+            loc.append(cause.field)
         item = {"loc": loc, "msg": printable(str(error.get("msg", ""))), "type": error.get("type", "")}
         if "input" in error and _safe_input(error["input"]) is not None:
             item["input"] = _safe_input(error["input"])

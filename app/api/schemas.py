@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import FastAPI
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from app.api.prompt_loras import parse_prompt
 from app.config import Settings
-from app.jobs import GenerationSpec, LoraSpec
+from app.editing import build_edit, decode_base64_image
+from app.jobs import EditSpec, GenerationSpec, LoraSpec
 from app.lora.registry import ID_PATTERN
 from app.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
@@ -75,6 +76,7 @@ class GenerationSettings(StrictModel):
     def spec(self, seed: int) -> GenerationSpec:
         """The engine's settings for one image of this request, with `seed` (<lora:...> tags taken out)."""
         return GenerationSpec(
+            edit=self.edit_spec(),
             prompt=parse_prompt(self.prompt)[0],
             prompt_as_sent=self.prompt,
             scheduler=self.scheduler,
@@ -86,6 +88,14 @@ class GenerationSettings(StrictModel):
             seed=seed,
         )
 
+    def edit_spec(self) -> EditSpec | None:
+        """The image edit this request asks for; None for text to image."""
+        return None
+
+
+# A base64 image of MAX_DECODE_PIXELS (app/editing.py) fits; the body limit (MAX_IMAGE_BODY_BYTES) applies first.
+Base64Image = Annotated[str, Field(min_length=1, max_length=64 * 1024 * 1024)]
+
 
 class GenerateRequest(GenerationSettings):
     brand_id: LoraId | None = Field(None, description="apply this brand's LoRA (latest version unless `version`)")
@@ -95,6 +105,54 @@ class GenerateRequest(GenerationSettings):
         None, description="several LoRAs composed, each with its own weight"
     )
     strict: bool = Field(False, description="fail with 422 instead of falling back when a LoRA cannot be applied")
+    # Image editing (docs/editing.md): img2img with `init_image`, inpainting with `mask_image` too.
+    init_image: Base64Image | None = Field(
+        None,
+        description="img2img: base64 PNG/JPEG/WebP (a data:image/...;base64, prefix is accepted), "
+        "resized to width x height",
+    )
+    strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.75, description="how much of init_image is repainted: 0 keeps it, 1 starts from noise"
+    )
+    mask_image: Base64Image | None = Field(
+        None, description="inpainting: white = repaint, black = keep; the size of init_image"
+    )
+    mask_blur: Annotated[int, Field(ge=0, le=64)] = Field(4, description="blur radius of the mask, pixels")
+    mask_invert: bool = Field(False, description="black = repaint instead")
+    inpaint_only_masked: bool = Field(
+        False, description="inpaint only the mask's box (plus inpaint_padding), at the full width x height"
+    )
+    inpaint_padding: Annotated[int, Field(ge=0, le=256)] = Field(
+        32, description="pixels around the mask's box in inpaint_only_masked mode"
+    )
+    masked_content: Literal["original", "fill"] = Field(
+        "original", description="inpainting starts from the image (original) or its surroundings' colours (fill)"
+    )
+    _edit: EditSpec | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _decode_images(self) -> GenerateRequest:
+        """The images are decoded and checked here, once, for every route built on this request."""
+        if self.init_image is None:
+            if self.mask_image is not None:
+                raise ValueError("mask_image needs init_image (the image to repaint)")
+            return self
+        image = decode_base64_image(self.init_image, "init_image")
+        mask = decode_base64_image(self.mask_image, "mask_image") if self.mask_image is not None else None
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(
+                f"strength {self.strength:g} x num_inference_steps {self.num_inference_steps} leaves no denoising "
+                "step; raise strength or num_inference_steps"
+            )
+        self._edit = build_edit(
+            init_image=image, mask_image=mask, width=self.width, height=self.height, strength=self.strength,
+            mask_blur=self.mask_blur, mask_invert=self.mask_invert, inpaint_only_masked=self.inpaint_only_masked,
+            inpaint_padding=self.inpaint_padding, masked_content=self.masked_content,
+        )  # fmt: skip
+        return self
+
+    def edit_spec(self) -> EditSpec | None:
+        return self._edit
 
     model_config = ConfigDict(
         extra="forbid",

@@ -13,14 +13,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
 from app.config import Settings
+from app.editing import prepare_edit
 from app.engine.cpu_threads import one_cpu_thread
 from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
 from app.engine.merge import AdapterMerger
 from app.engine.per_sample import per_sample_deltas
+from app.engine.preview import latent_preview
 from app.engine.schedulers import make_scheduler
 from app.errors import GenerationOutOfMemory
 from app.jobs import GenerationJob, GenerationSpec, JobResult
@@ -54,6 +58,14 @@ class DiffusionEngine:
         # Each generation gets its own scheduler (they hold per-run state), built from the model's own.
         self._scheduler_class = type(self.pipe.scheduler)
         self._scheduler_config = self.pipe.scheduler.config
+        # Image edits run diffusers' own img2img / inpainting pipelines on the same components (the same
+        # UNet, text encoder and VAE objects), so merged LoRA weights apply to them too. Built once.
+        self._edit_pipes = {
+            "img2img": StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False),
+            "inpaint": StableDiffusionInpaintPipeline(**self.pipe.components, requires_safety_checker=False),
+        }
+        for pipe in self._edit_pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         self.compiled = settings.compile_unet
         self.compile_seconds = self._warm_up(settings.compile_warmup_size) if self.compiled else None
 
@@ -118,19 +130,23 @@ class DiffusionEngine:
             else:
                 embeddings = self._encode_per_set(jobs)
             t1 = time.perf_counter()
+            loop = _StepLoop([job.control for job in jobs], on_step)
             try:
                 if one_set:
-                    images = self._run_pipeline([job.spec for job in jobs], output_type, on_step)
+                    images = self._run_pipeline([job.spec for job in jobs], output_type, loop)
                 else:
                     with per_sample_deltas(self._targets, [job.adapters for job in jobs]):
-                        images = self._run_pipeline([job.spec for job in jobs], output_type, on_step, embeddings)
+                        images = self._run_pipeline([job.spec for job in jobs], output_type, loop, embeddings)
             except torch.OutOfMemoryError as exc:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 raise GenerationOutOfMemory(str(exc).splitlines()[0]) from exc
             t2 = time.perf_counter()
         n = len(jobs)
-        return [JobResult(images[i], (t1 - t0) * 1000 / n, (t2 - t1) * 1000 / n, warnings[i], n) for i in range(n)]
+        return [
+            JobResult(images[i], (t1 - t0) * 1000 / n, (t2 - t1) * 1000 / n, warnings[i], n, loop.stopped_at)
+            for i in range(n)
+        ]
 
     def _warm_up(self, size: int) -> float:
         """Compile at start-up (one short generation), so no request pays it; returns the seconds."""
@@ -156,38 +172,51 @@ class DiffusionEngine:
         with self._lock:
             self.merger.restore_base()
 
-    def _run_pipeline(self, specs: list[GenerationSpec], output_type: str, on_step, embeddings=None) -> list:
+    def _run_pipeline(self, specs: list[GenerationSpec], output_type: str, loop: _StepLoop, embeddings=None) -> list:
         first = specs[0]
         # The generators live on the CPU so that a seed gives the same image on every device; one per
         # image, so each image's noise is what it would be alone.
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        pipe = self.pipe if first.edit is None else self._edit_pipes[first.edit.kind]
         # A new scheduler for this call only (the generation lock is held here).
-        self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
+        pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
 
-        def step_done(_pipe, _step, _timestep, tensors):
-            if on_step is not None:
-                on_step()
-            return tensors
-
+        single = len(specs) == 1  # a single job is called exactly as diffusers' own single-image call
         if embeddings is not None:
             text = {"prompt_embeds": embeddings[0], "negative_prompt_embeds": embeddings[1]}
-        elif len(specs) == 1:  # a single job is called exactly as diffusers' own single-image call
+        elif single:
             text = {"prompt": first.prompt, "negative_prompt": first.negative_prompt or None}
         else:
             negatives = [spec.negative_prompt or "" for spec in specs]
             text = {"prompt": [spec.prompt for spec in specs], "negative_prompt": negatives if any(negatives) else None}
+        call = dict(
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators[0] if single else generators,
+            output_type=output_type,
+            callback_on_step_end=loop.step_done,
+        )
+        edits = None
+        if first.edit is None:
+            call.update(width=first.width, height=first.height)
+        else:
+            edits = [prepare_edit(spec.edit, spec.width, spec.height) for spec in specs]
+            call["strength"] = first.edit.strength
+            call["image"] = edits[0].image if single else [edit.image for edit in edits]
+            if first.edit.kind == "inpaint":
+                # The original is pasted back outside the mask, on the PIL image.
+                call.update(width=first.width, height=first.height, output_type="pil")
+                call["mask_image"] = edits[0].mask if single else [edit.mask for edit in edits]
         with torch.inference_mode():
-            images = self.pipe(
-                **text,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators[0] if len(specs) == 1 else generators,
-                output_type=output_type,
-                callback_on_step_end=step_done,
-            ).images
-        return list(images)
+            try:
+                images = list(pipe(**text, **call).images)
+            except _AllDiscarded:
+                return [None] * len(specs)  # every image was canceled: nothing to decode
+        if edits is not None and first.edit.kind == "inpaint":
+            images = [edit.finish(image) for edit, image in zip(edits, images, strict=True)]
+            if output_type == "np":
+                images = [np.asarray(image, dtype=np.float32) / 255 for image in images]
+        return images
 
     def _encode_per_set(self, jobs: list[GenerationJob]) -> tuple:
         """Prompt embeddings of a mixed batch: each LoRA set's text-encoder layers merged in turn for its
@@ -219,3 +248,37 @@ class DiffusionEngine:
                         f"{field_name} is {n} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest is ignored"
                     )
         return warnings
+
+
+class _AllDiscarded(Exception):
+    """Raised from the step callback to leave a loop whose every image was canceled (no decode)."""
+
+
+class _StepLoop:
+    """The step callback of one denoising loop: the watchdog's `on_step`, each image's `StepControl`
+    (progress, previews, stop requests). The loop stops only when every image asked to stop."""
+
+    def __init__(self, controls: list, on_step: Callable[[], None] | None):
+        self.controls = controls
+        self.on_step = on_step
+        self.stopped_at: int | None = None
+        self._watched = any(c is not None for c in controls)
+
+    def step_done(self, pipe, index: int, _timestep, tensors: dict) -> dict:
+        if self.on_step is not None:
+            self.on_step()
+        if not self._watched:
+            return tensors
+        step, steps = index + 1, pipe.num_timesteps
+        latents = tensors["latents"]
+        for i, control in enumerate(self.controls):
+            if control is not None:
+                preview = latent_preview(latents[i]) if control.wants_preview(step, steps) else None
+                control.report(step, steps, preview)
+        modes = [None if c is None else c.stop_mode for c in self.controls]
+        if step < steps and all(mode is not None for mode in modes):
+            self.stopped_at = step
+            if all(mode == "discard" for mode in modes):
+                raise _AllDiscarded()
+            pipe._interrupt = True  # diffusers skips the remaining steps and decodes the latents reached
+        return tensors

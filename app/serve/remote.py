@@ -95,7 +95,12 @@ class RemoteGenerationService(GenerationService):
         return self.planner.route(lora_set_key(self.registry, loras))
 
     async def _generate(
-        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
+        self,
+        spec: GenerationSpec,
+        loras: Sequence[LoraSpec],
+        strict: bool = False,
+        disconnected: Disconnected = None,
+        control=None,
     ) -> RemoteOutcome:
         start = time.perf_counter()
         key, slot = self.routing_key(loras)

@@ -27,6 +27,7 @@ from app.api.deps import get_service
 from app.api.errors import SEND_JSON, answer_for, openai_response
 from app.api.routes.generate import lora_specs
 from app.api.schemas import MAX_SEED, GenerateRequest, LoraConfig, LoraId, LoraWeight, VersionId
+from app.editing import decode_image, mask_from_alpha, png
 from app.errors import InvalidRequest
 from app.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from app.service import draw_seed
@@ -109,13 +110,17 @@ class _OpenAIError(Exception):
 async def create_images(request: Request):
     try:
         return await _create_images(request)
-    except _OpenAIError as exc:
-        return exc.response
     except Exception as exc:
-        answer = answer_for(exc)  # the service's error table, rendered in OpenAI's shape
-        if answer is None:
-            raise
-        return openai_response(answer)
+        return _in_openai_shape(exc)
+
+
+def _in_openai_shape(exc: Exception) -> JSONResponse:
+    if isinstance(exc, _OpenAIError):
+        return exc.response
+    answer = answer_for(exc)  # the service's error table, rendered in OpenAI's shape
+    if answer is None:
+        raise exc
+    return openai_response(answer, params=EDIT_PARAMS)
 
 
 async def _create_images(request: Request) -> dict:
@@ -127,6 +132,11 @@ async def _create_images(request: Request) -> dict:
             param="response_format", code="invalid_value",
         ))  # fmt: skip
     generate = _generate_request(body)
+    return await _images(service, generate, body, request)
+
+
+async def _images(service, generate: GenerateRequest, body: OpenAIImagesRequest, request: Request) -> dict:
+    """`n` images, each one `GenerationService.generate` call with seed + i."""
     specs = lora_specs(generate)
     service.check_limits(generate.width, generate.height, generate.num_inference_steps, len(specs))
     if body.seed is None:
@@ -142,6 +152,83 @@ async def _create_images(request: Request) -> dict:
         outcome = await service.generate(spec, specs, strict=generate.strict, disconnected=request.is_disconnected)
         data.append({"b64_json": base64.b64encode(outcome.png).decode("ascii")})
     return {"created": int(time.time()), "data": data}
+
+
+# ---- POST /v1/images/edits ------------------------------------------------------------------------------
+
+# Our names of OpenAI's edit parameters, for error messages.
+EDIT_PARAMS = {"init_image": "image", "mask_image": "mask"}
+FILE_PARTS = ("image", "image[]", "mask")
+
+
+class OpenAIEditRequest(OpenAIImagesRequest):
+    """OpenAI's image-edit form fields (the files aside), plus ours; form values are strings, so lax."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    size: Annotated[str, Field(pattern=r"^(auto|\d{1,5}x\d{1,5})$")] = "auto"
+    input_fidelity: str | None = Field(None, description="accepted and ignored")
+    background: Literal["auto", "opaque"] | None = None
+    strength: float | None = None
+    mask_blur: int | None = None
+
+
+@router.post(
+    "/v1/images/edits",
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "prompt"],
+        "properties": {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
+                       "prompt": {"type": "string"}, "n": {"type": "integer"}, "size": {"type": "string"},
+                       "response_format": {"type": "string"}, "seed": {"type": "integer"},
+                       "brand_id": {"type": "string"}, "strength": {"type": "number"}}}}}}},
+    responses={400: {"description": "invalid request (OpenAI error shape)"}, 429: {"description": "queue full"}},
+)  # fmt: skip
+async def edit_images(request: Request):
+    """OpenAI's image edit: the image, and a mask whose fully transparent pixels are repainted (without a
+    mask, the image's own transparent pixels; with neither, the whole image is edited: img2img)."""
+    try:
+        return await _edit_images(request)
+    except Exception as exc:
+        return _in_openai_shape(exc)
+
+
+async def _edit_images(request: Request) -> dict:
+    service = get_service(request.app.state.service_state)
+    try:
+        form = await request.form()
+    except Exception as exc:  # not multipart, or a broken body
+        raise _OpenAIError(openai_error(400, f"send multipart/form-data with an 'image' file: {exc}",
+                                        code="invalid_request")) from None  # fmt: skip
+    files = {key: value for key, value in form.multi_items() if key in FILE_PARTS and hasattr(value, "read")}
+    upload = files.get("image") or files.get("image[]")
+    if upload is None:
+        raise _OpenAIError(openai_error(400, "Missing required parameter: 'image'.", param="image",
+                                        code="missing_required_parameter"))  # fmt: skip
+    fields = {key: value for key, value in form.multi_items() if key not in FILE_PARTS}
+    try:
+        body = OpenAIEditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise _OpenAIError(_validation_error(exc)) from None
+    if body.response_format == "url":
+        raise _OpenAIError(openai_error(
+            400, "response_format 'url' is not supported: this service only serves 'b64_json' (base64 PNG)",
+            param="response_format", code="invalid_value",
+        ))  # fmt: skip
+    raw = await upload.read()
+    image = decode_image(raw, "image")
+    mask = None
+    if "mask" in files:
+        mask = mask_from_alpha(decode_image(await files["mask"].read(), "mask"))
+        if mask is None:
+            raise InvalidRequest("mask", "mask has no fully transparent pixel: nothing to edit (transparent = edit)")
+    else:
+        mask = mask_from_alpha(image)
+    if body.size == "auto":
+        width, height = (max(64, side - side % 8) for side in image.size)
+        body = body.model_copy(update={"size": f"{width}x{height}"})
+    generate = _generate_request(body, init_image=base64.b64encode(raw).decode("ascii"),
+                                 mask_image=base64.b64encode(png(mask)).decode("ascii") if mask else None)  # fmt: skip
+    return await _images(service, generate, body, request)
 
 
 def _parse(raw: bytes) -> OpenAIImagesRequest:
@@ -177,10 +264,14 @@ def _validation_error(exc: ValidationError, param_of=None) -> JSONResponse:
     return openai_error(400, message, param=param, code="invalid_value")
 
 
-def _generate_request(body: OpenAIImagesRequest) -> GenerateRequest:
+def _generate_request(body: OpenAIImagesRequest, **edit) -> GenerateRequest:
     """The same request as /generate would get, validated by /generate's model (size -> width, height)."""
     width, height = (int(x) for x in SIZE_PATTERN.fullmatch(body.size).groups())
     fields = {"prompt": body.prompt, "width": width, "height": height}
+    fields.update({name: value for name, value in edit.items() if value is not None})
+    for name in ("strength", "mask_blur"):
+        if getattr(body, name, None) is not None:
+            fields[name] = float(body.strength) if name == "strength" else body.mask_blur
     for name in PASSED_THROUGH:
         value = getattr(body, name)
         if value is not None:
@@ -190,5 +281,8 @@ def _generate_request(body: OpenAIImagesRequest) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate_json(json.dumps(fields))
     except ValidationError as exc:
-        size_param = lambda name: "size" if name in ("width", "height") else name  # noqa: E731
+        cause = (exc.errors()[0].get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # an image check: answered with its parameter named
+            raise cause from None
+        size_param = lambda name: "size" if name in ("width", "height") else EDIT_PARAMS.get(name, name)  # noqa: E731
         raise _OpenAIError(_validation_error(exc, size_param)) from None
