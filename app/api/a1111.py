@@ -358,8 +358,9 @@ def _pairs(line: str):
 class Task:
     """One txt2img/img2img request being served: its images' steps as A1111's progress reports them."""
 
-    def __init__(self, job_count: int):
+    def __init__(self, job_count: int, owner: str | None = None):
         self.job_count = job_count
+        self.owner = owner  # the caller's key name: another key's /progress and /interrupt do not see it
         self.job_no = 0  # the image being generated
         self.step = 0
         self.steps = 0
@@ -422,8 +423,8 @@ class Progress:
         self._tasks: list[Task] = []
         self._lock = threading.Lock()
 
-    def begin(self, job_count: int) -> Task:
-        task = Task(job_count)
+    def begin(self, job_count: int, owner: str | None = None) -> Task:
+        task = Task(job_count, owner)
         with self._lock:
             self._tasks.append(task)
         return task
@@ -432,20 +433,22 @@ class Progress:
         with self._lock:
             self._tasks.remove(task)
 
-    def current(self) -> Task | None:
+    def current(self, owner: str | None = None) -> Task | None:
+        """The oldest running request (else the oldest waiting one) of `owner`; None = of anyone."""
         with self._lock:
-            running = [t for t in self._tasks if t.running]
-            return running[0] if running else (self._tasks[0] if self._tasks else None)
+            tasks = [t for t in self._tasks if owner is None or t.owner == owner]
+            running = [t for t in tasks if t.running]
+            return running[0] if running else (tasks[0] if tasks else None)
 
-    def report(self, with_image: bool = True) -> dict:
-        task = self.current()
+    def report(self, with_image: bool = True, owner: str | None = None) -> dict:
+        task = self.current(owner)
         if task is None:
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None, "state": {
                 "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
                 "job_no": 0, "job_timestamp": "0", "sampling_step": 0, "sampling_steps": 0}}  # fmt: skip
         return task.report(with_image)
 
-    def interrupt(self) -> None:
-        task = self.current()
+    def interrupt(self, owner: str | None = None) -> None:
+        task = self.current(owner)
         if task is not None:
             task.interrupt()

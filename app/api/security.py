@@ -62,6 +62,19 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/jobs"): "generate",
     ("POST", "/sdapi/v1/txt2img"): "generate",
     ("POST", "/sdapi/v1/img2img"): "generate",
+    # AUTOMATIC1111's calls around them: /loras lists the key's brands; /progress and /interrupt see the
+    # key's own requests (an admin key's: everyone's).
+    ("GET", "/sdapi/v1/loras"): "generate",
+    ("POST", "/sdapi/v1/refresh-loras"): "generate",
+    ("GET", "/sdapi/v1/samplers"): "generate",
+    ("GET", "/sdapi/v1/schedulers"): "generate",
+    ("GET", "/sdapi/v1/sd-models"): "generate",
+    ("GET", "/sdapi/v1/options"): "generate",
+    ("POST", "/sdapi/v1/options"): "generate",  # it only accepts what is already so
+    ("GET", "/sdapi/v1/scripts"): "generate",
+    ("POST", "/sdapi/v1/png-info"): "generate",
+    ("GET", "/sdapi/v1/progress"): "generate",
+    ("POST", "/sdapi/v1/interrupt"): "generate",
     ("POST", "/v1/images/edits"): "generate",
 }
 

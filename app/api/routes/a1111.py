@@ -10,8 +10,9 @@ import os
 
 from fastapi import APIRouter, Request
 
+from app.access import Caller
 from app.api import a1111
-from app.api.deps import RegistryDep, ServiceDep, SettingsDep
+from app.api.deps import CallerDep, RegistryDep, ServiceDep, SettingsDep
 from app.api.routes.generate import lora_specs
 from app.editing import decode_base64_image
 from app.errors import InvalidRequest
@@ -22,7 +23,12 @@ from app.service import draw_seed, generation_infotext
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 
 
-async def _images(body: a1111.Txt2ImgRequest, service, request: Request) -> dict:
+def _owner(caller: Caller) -> str | None:
+    """Whose requests /progress and /interrupt see: a key sees its own; an admin key, or no keys, all."""
+    return None if caller.is_admin else caller.name
+
+
+async def _images(body: a1111.Txt2ImgRequest, service, request: Request, caller: Caller) -> dict:
     settings = service.settings
     a1111.refuse_unhonoured(body, settings.model_id)
     generate = a1111.generate_request(body)
@@ -30,7 +36,7 @@ async def _images(body: a1111.Txt2ImgRequest, service, request: Request) -> dict
     service.check_limits(generate.width, generate.height, generate.num_inference_steps, len(specs))
     seeds = a1111.seeds(body, draw_seed)
     images, infotexts = [], []
-    task = _progress(request).begin(len(seeds))
+    task = _progress(request).begin(len(seeds), caller.name)
     try:
         for job_no, seed in enumerate(seeds):
             if task.interrupted and images:  # A1111's interrupt: the image reached is answered, no more follow
@@ -58,27 +64,27 @@ def _progress(request: Request) -> a1111.Progress:
 
 
 @router.get("/progress")
-def progress(request: Request, skip_current_image: bool = False) -> dict:
+def progress(request: Request, caller: CallerDep, skip_current_image: bool = False) -> dict:
     """The running txt2img/img2img request: its step, its images, a preview; 0 and job_count 0 when idle."""
-    return _progress(request).report(with_image=not skip_current_image)
+    return _progress(request).report(with_image=not skip_current_image, owner=_owner(caller))
 
 
 @router.post("/interrupt")
-def interrupt(request: Request) -> None:
+def interrupt(request: Request, caller: CallerDep) -> None:
     """The running generation stops at its next step; its txt2img/img2img call answers with the image reached."""
-    _progress(request).interrupt()
+    _progress(request).interrupt(owner=_owner(caller))
 
 
 @router.post("/txt2img")
-async def txt2img(request: Request, service: ServiceDep) -> dict:
+async def txt2img(request: Request, service: ServiceDep, caller: CallerDep) -> dict:
     body = a1111.parse(a1111.Txt2ImgRequest, await request.body())
-    return await _images(body, service, request)
+    return await _images(body, service, request, caller)
 
 
 @router.post("/img2img")
-async def img2img(request: Request, service: ServiceDep) -> dict:
+async def img2img(request: Request, service: ServiceDep, caller: CallerDep) -> dict:
     body = a1111.parse(a1111.Img2ImgRequest, await request.body())
-    return await _images(body, service, request)
+    return await _images(body, service, request, caller)
 
 
 @router.get("/samplers")
@@ -103,10 +109,10 @@ def sd_models(settings: SettingsDep) -> list[dict]:
 
 
 @router.get("/loras")
-def loras(registry: RegistryDep) -> list[dict]:
-    """Each brand as an A1111 LoRA: `<lora:NAME:W>` in a prompt applies it."""
+def loras(registry: RegistryDep, caller: CallerDep) -> list[dict]:
+    """Each of the caller's brands as an A1111 LoRA: `<lora:NAME:W>` in a prompt applies it."""
     listed = []
-    for brand_id in registry.brand_ids():
+    for brand_id in filter(caller.may_use, registry.brand_ids()):
         lora_file = registry.resolve(brand_id)
         if lora_file is None:
             continue
