@@ -47,6 +47,13 @@ class ClientGone(Exception):
     pass
 
 
+class JobCanceled(Exception):
+    """The image was canceled (`StepControl.cancel`) before or while it was generated; it has no result."""
+
+    def __init__(self, message: str = "the generation was canceled"):
+        super().__init__(message)
+
+
 class ServiceUnavailable(Exception):
     """The service takes no new work now (draining for shutdown, model not loaded, worker stalled)."""
 

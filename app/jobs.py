@@ -8,8 +8,10 @@ tensors); what crosses a process boundary is the spec and the set's keys, never 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,89 @@ class ActiveAdapter:
     weight: float
 
 
+# (step, steps, preview): called by the engine after each denoising step; `step` counts from 1 to `steps`
+# (the steps the loop runs); `preview` is None or an RGB uint8 array (h, w, 3), at most 128 px a side,
+# projected from the latents (no VAE decode).
+StepListener = Callable[[int, int, Any], None]
+StopMode = Literal["discard", "finish"]
+
+
+class StepControl:
+    """One image's handle on the denoising loop it runs in: progress out, a stop request in. No torch.
+
+    The queue calls `start` when the image's loop is taken up, the engine calls `report` after every
+    step (both from the generation thread) and stops the loop at the
+    next step once every image of the loop has asked to stop. Two ways to stop:
+    - `cancel()` ("discard"): the image is not wanted; its request fails with `JobCanceled`. A loop whose
+      images are all discarded ends at once, without decoding.
+    - `finish_early()` ("finish"): stop denoising and decode the latents reached (AUTOMATIC1111's
+      interrupt); the request gets that image, with `JobResult.stopped_at` set.
+    In a loop shared with images that go on, a stopped image is computed to the end and dropped
+    ("discard") or returned at the end ("finish"): the others' images still come out.
+    Asking twice is harmless; the first mode asked wins.
+    """
+
+    def __init__(
+        self,
+        listener: StepListener | None = None,
+        preview_every: int = 0,
+        on_start: Callable[[], None] | None = None,
+    ):
+        self.listener = listener
+        self.preview_every = preview_every  # 0: no previews
+        self.on_start = on_start  # called (generation thread) when the image's denoising loop begins
+        self.started = False
+        self.step = 0
+        self.steps = 0
+        self._stop: StopMode | None = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> bool:
+        """Drop this image at the next step; True when this call asked first."""
+        return self._ask("discard")
+
+    def finish_early(self) -> bool:
+        """Stop at the next step and keep the image reached; True when this call asked first."""
+        return self._ask("finish")
+
+    def _ask(self, mode: StopMode) -> bool:
+        with self._lock:
+            if self._stop is not None:
+                return False
+            self._stop = mode
+            return True
+
+    @property
+    def stop_mode(self) -> StopMode | None:
+        return self._stop
+
+    @property
+    def discarded(self) -> bool:
+        return self._stop == "discard"
+
+    def wants_preview(self, step: int, steps: int) -> bool:
+        """Previews every `preview_every` steps, and at the last step."""
+        return self.preview_every > 0 and (step % self.preview_every == 0 or step == steps)
+
+    def start(self) -> None:
+        self.started = True
+        if self.on_start is not None:
+            self.on_start()
+
+    def report(self, step: int, steps: int, preview: Any = None) -> None:
+        self.step, self.steps = step, steps
+        if self.listener is not None:
+            self.listener(step, steps, preview)
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     """One image to generate: the settings and the LoRA set, resolved and held for the job's lifetime."""
 
     spec: GenerationSpec
     adapters: tuple[ActiveAdapter, ...] = ()
+    # Progress and stop requests of this image (jobs API, AUTOMATIC1111's progress/interrupt); None: none.
+    control: StepControl | None = field(default=None, compare=False)
 
     @property
     def batch_key(self) -> tuple:
@@ -101,3 +180,4 @@ class JobResult:
     generation_ms: float  # the denoising loop; a batch's, split per image
     warnings: list[str] = field(default_factory=list)
     batch_size: int = 1  # images in the denoising loop this image ran in
+    stopped_at: int | None = None  # the step the loop stopped at when stopped early (StepControl); None: ran out

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from app.errors import ClientGone, QueueFull, QueueTimeout, ServiceUnavailable
+from app.errors import ClientGone, JobCanceled, QueueFull, QueueTimeout, ServiceUnavailable
 from app.jobs import GenerationJob, JobResult
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class _Entry:
     future: Future = field(default_factory=Future)
     started_at: float | None = None
     on_start: Callable[[], None] | None = None
+
+
+def _discarded(entry: _Entry) -> bool:
+    return entry.job.control is not None and entry.job.control.discarded
 
 
 class GenerationQueue:
@@ -159,6 +163,8 @@ class GenerationQueue:
             for entry in entries:
                 entry.started_at = started_at
                 entry.on_start()
+                if entry.job.control is not None:
+                    entry.job.control.start()
             if self._on_batch is not None:
                 self._on_batch(len(entries))
             jobs = [entry.job for entry in entries]
@@ -174,7 +180,9 @@ class GenerationQueue:
                 per_job_ms = (time.perf_counter() - started_at) * 1000 / len(entries)
                 self._recent_ms = 0.8 * self._recent_ms + 0.2 * per_job_ms
             for i, entry in enumerate(entries):
-                if error is None:
+                if _discarded(entry):  # canceled while it ran (StepControl.cancel): its image is dropped
+                    entry.future.set_exception(JobCanceled())
+                elif error is None:
                     entry.future.set_result(results[i])  # a request that left meanwhile just drops it
                 else:
                     entry.future.set_exception(error)
@@ -190,6 +198,12 @@ class GenerationQueue:
                 head = self._pending[0]
                 if not head.future.set_running_or_notify_cancel():
                     self._pending.popleft()  # cancelled while waiting; its place was already given back
+                    continue
+                if _discarded(head):  # canceled while it waited: it never starts, its place is free
+                    self._pending.popleft()
+                    self._waiting -= 1
+                    head.future.set_exception(JobCanceled())
+                    head.on_start()
                     continue
                 break
             self._pending.popleft()
@@ -209,6 +223,12 @@ class GenerationQueue:
                 self._pending.remove(entry)
                 if entry.future.set_running_or_notify_cancel():
                     batch.append(entry)
+            # A companion canceled while it waited is taken out of the queue with the batch and fails at once.
+            for entry in [e for e in batch if _discarded(e)]:
+                batch.remove(entry)
+                self._waiting -= 1
+                entry.future.set_exception(JobCanceled())
+                entry.on_start()
             self._waiting -= len(batch)
             self._running += len(batch)
             self._last_batch_size = len(batch)

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, build_infotext
-from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec
+from app.jobs import AppliedLora, GenerationJob, GenerationSpec, LoraSpec, StepControl
 from app.lora.manager import AcquiredLoras, LoraManager
 from app.observability import record_image
 from app.queueing import GenerationQueue
@@ -42,6 +42,7 @@ class GenerationOutcome:
     generation_ms: float
     total_ms: float
     batch_size: int = 1  # images in the denoising loop this one ran in
+    stopped_at: int | None = None  # the step it was stopped at (StepControl.finish_early); None: all steps
 
     @property
     def image_base64(self) -> str:
@@ -79,12 +80,21 @@ class GenerationService:
             )
 
     async def generate(
-        self, spec: GenerationSpec, loras: Sequence[LoraSpec], strict: bool = False, disconnected: Disconnected = None
+        self,
+        spec: GenerationSpec,
+        loras: Sequence[LoraSpec],
+        strict: bool = False,
+        disconnected: Disconnected = None,
+        control: StepControl | None = None,
     ) -> GenerationOutcome:
-        """One image: reserve a place, acquire the LoRAs, run the job."""
+        """One image: reserve a place, acquire the LoRAs, run the job.
+
+        `control` follows the image's denoising steps and can stop it (app/jobs.py `StepControl`); a
+        canceled image raises `JobCanceled`.
+        """
         start = time.perf_counter()
         acquired = await self.acquire(loras, strict)
-        return await self.render(spec, acquired, loras, disconnected, start)
+        return await self.render(spec, acquired, loras, disconnected, start, control)
 
     async def acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> AcquiredLoras:
         """Take a place in the queue (429 at once when full, before any file work), then load the LoRAs.
@@ -105,12 +115,13 @@ class GenerationService:
         loras: Sequence[LoraSpec],
         disconnected: Disconnected = None,
         start: float | None = None,
+        control: StepControl | None = None,
     ) -> GenerationOutcome:
         """Run one job with `loras` (a subset of `acquired`, at their own weights) in the reserved place."""
         start = time.perf_counter() if start is None else start
         adapters, applied, warnings = acquired.select(loras)
         load_ms = acquired.take_load_ms()  # the first image of an acquisition carries its file loading
-        result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters)), disconnected)
+        result, queue_ms = await self.queue.submit(GenerationJob(spec, tuple(adapters), control), disconnected)
         if self.metrics is not None:
             self.metrics.generation_seconds.observe(result.generation_ms / 1000)
         infotext = generation_infotext(spec, applied, self.settings.model_id)
@@ -130,6 +141,7 @@ class GenerationService:
             generation_ms=result.generation_ms,
             total_ms=(time.perf_counter() - start) * 1000,
             batch_size=result.batch_size,
+            stopped_at=result.stopped_at,
         )
 
 

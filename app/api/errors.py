@@ -20,6 +20,7 @@ from app.errors import (
     ClientGone,
     GenerationOutOfMemory,
     InvalidRequest,
+    JobCanceled,
     LoraNotFound,
     LoraUnavailable,
     QueueFull,
@@ -59,6 +60,7 @@ ERROR_TABLE: dict[type[Exception], object] = {
     QueueTimeout: lambda e: ErrorAnswer(503, str(e), kind="timeout", headers=RETRY_AFTER),
     ServiceUnavailable: lambda e: ErrorAnswer(503, str(e), kind="unavailable", headers=RETRY_AFTER),
     ClientGone: lambda e: ErrorAnswer(499, "the client closed the connection"),
+    JobCanceled: lambda e: ErrorAnswer(409, str(e), kind="canceled"),
     GenerationOutOfMemory: lambda e: ErrorAnswer(
         503, f"the GPU ran out of memory for this request ({e}); try a smaller size", kind="unavailable",
         headers=RETRY_AFTER,

@@ -21,6 +21,7 @@ from app.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from app.engine.lora_weights import LoraWeights, adaptable_modules, fit_layers, read_lora_file
 from app.engine.merge import AdapterMerger
 from app.engine.per_sample import per_sample_deltas
+from app.engine.preview import latent_preview
 from app.engine.schedulers import make_scheduler
 from app.errors import GenerationOutOfMemory
 from app.jobs import GenerationJob, GenerationSpec, JobResult
@@ -118,19 +119,23 @@ class DiffusionEngine:
             else:
                 embeddings = self._encode_per_set(jobs)
             t1 = time.perf_counter()
+            loop = _StepLoop([job.control for job in jobs], on_step)
             try:
                 if one_set:
-                    images = self._run_pipeline([job.spec for job in jobs], output_type, on_step)
+                    images = self._run_pipeline([job.spec for job in jobs], output_type, loop)
                 else:
                     with per_sample_deltas(self._targets, [job.adapters for job in jobs]):
-                        images = self._run_pipeline([job.spec for job in jobs], output_type, on_step, embeddings)
+                        images = self._run_pipeline([job.spec for job in jobs], output_type, loop, embeddings)
             except torch.OutOfMemoryError as exc:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 raise GenerationOutOfMemory(str(exc).splitlines()[0]) from exc
             t2 = time.perf_counter()
         n = len(jobs)
-        return [JobResult(images[i], (t1 - t0) * 1000 / n, (t2 - t1) * 1000 / n, warnings[i], n) for i in range(n)]
+        return [
+            JobResult(images[i], (t1 - t0) * 1000 / n, (t2 - t1) * 1000 / n, warnings[i], n, loop.stopped_at)
+            for i in range(n)
+        ]
 
     def _warm_up(self, size: int) -> float:
         """Compile at start-up (one short generation), so no request pays it; returns the seconds."""
@@ -151,18 +156,13 @@ class DiffusionEngine:
         with self._lock:
             self.merger.restore_base()
 
-    def _run_pipeline(self, specs: list[GenerationSpec], output_type: str, on_step, embeddings=None) -> list:
+    def _run_pipeline(self, specs: list[GenerationSpec], output_type: str, loop: _StepLoop, embeddings=None) -> list:
         first = specs[0]
         # The generators live on the CPU so that a seed gives the same image on every device; one per
         # image, so each image's noise is what it would be alone.
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         # A new scheduler for this call only (the generation lock is held here).
         self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_class, self._scheduler_config)
-
-        def step_done(_pipe, _step, _timestep, tensors):
-            if on_step is not None:
-                on_step()
-            return tensors
 
         if embeddings is not None:
             text = {"prompt_embeds": embeddings[0], "negative_prompt_embeds": embeddings[1]}
@@ -172,16 +172,19 @@ class DiffusionEngine:
             negatives = [spec.negative_prompt or "" for spec in specs]
             text = {"prompt": [spec.prompt for spec in specs], "negative_prompt": negatives if any(negatives) else None}
         with torch.inference_mode():
-            images = self.pipe(
-                **text,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators[0] if len(specs) == 1 else generators,
-                output_type=output_type,
-                callback_on_step_end=step_done,
-            ).images
+            try:
+                images = self.pipe(
+                    **text,
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators[0] if len(specs) == 1 else generators,
+                    output_type=output_type,
+                    callback_on_step_end=loop.step_done,
+                ).images
+            except _AllDiscarded:
+                return [None] * len(specs)  # every image was canceled: nothing to decode
         return list(images)
 
     def _encode_per_set(self, jobs: list[GenerationJob]) -> tuple:
@@ -214,3 +217,37 @@ class DiffusionEngine:
                         f"{field_name} is {n} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest is ignored"
                     )
         return warnings
+
+
+class _AllDiscarded(Exception):
+    """Raised from the step callback to leave a loop whose every image was canceled (no decode)."""
+
+
+class _StepLoop:
+    """The step callback of one denoising loop: the watchdog's `on_step`, each image's `StepControl`
+    (progress, previews, stop requests). The loop stops only when every image asked to stop."""
+
+    def __init__(self, controls: list, on_step: Callable[[], None] | None):
+        self.controls = controls
+        self.on_step = on_step
+        self.stopped_at: int | None = None
+        self._watched = any(c is not None for c in controls)
+
+    def step_done(self, pipe, index: int, _timestep, tensors: dict) -> dict:
+        if self.on_step is not None:
+            self.on_step()
+        if not self._watched:
+            return tensors
+        step, steps = index + 1, pipe.num_timesteps
+        latents = tensors["latents"]
+        for i, control in enumerate(self.controls):
+            if control is not None:
+                preview = latent_preview(latents[i]) if control.wants_preview(step, steps) else None
+                control.report(step, steps, preview)
+        modes = [None if c is None else c.stop_mode for c in self.controls]
+        if step < steps and all(mode is not None for mode in modes):
+            self.stopped_at = step
+            if all(mode == "discard" for mode in modes):
+                raise _AllDiscarded()
+            pipe._interrupt = True  # diffusers skips the remaining steps and decodes the latents reached
+        return tensors
