@@ -13,11 +13,13 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
-from app.api.errors import add_error_handlers
-from app.api.routes import ab, generate, health, lora, lora_versions, openai_images, train
+from app.api.errors import add_error_handlers, error_body
+from app.api.routes import ab, generate, health, jobs, lora, lora_versions, openai_images, train
 from app.api.routes import metrics as metrics_routes
 from app.api.security import AuthMiddleware
 from app.config import Settings, load_settings
+from app.jobqueue.runner import JobRunner
+from app.jobqueue.store import JobStore
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, ServiceMetrics, configure_logging
 from app.state import AppState, install_sigterm_drain
 
@@ -33,11 +35,14 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     async def lifespan(app: FastAPI):
         state.registry.ensure_root()
         state.start()
+        state.jobs = job_runner(state)
+        state.jobs.start()
         restore_signal = install_sigterm_drain(state)
         try:
             yield
         finally:
             restore_signal()
+            await state.jobs.stop()
             state.stop()
 
     # Swagger UI and ReDoc from the assets the fastapi-offline package ships: /docs works with no network.
@@ -53,11 +58,30 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    routers = (health, metrics_routes, generate, openai_images, lora, lora_versions, train, ab)
+    routers = (health, metrics_routes, generate, jobs, openai_images, lora, lora_versions, train, ab)
     for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)
     return app
+
+
+def job_runner(state: AppState) -> JobRunner:
+    """The jobs' store and runner: jobs go through the app's GenerationService once it is loaded; a job's
+    `result` is /generate's reply (without the image, a file) and its `error` is /generate's answer."""
+    s = state.settings
+    secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
+    return JobRunner(
+        JobStore(s.data_dir, on_status=None if state.metrics is None else state.metrics.count_job),
+        service=lambda: state.service if state.ready else None,
+        accepting=lambda: not state.draining,
+        to_result=lambda outcome: generate.generate_response(outcome).model_dump(exclude={"image"}),
+        to_error=error_body,
+        max_inflight=s.batch_max_size,
+        preview_every=s.preview_every,
+        ttl_s=s.job_ttl_s,
+        webhook_secret=secret,
+        webhook_backoff_s=s.webhook_retry_backoff_s,
+    )
 
 
 def run() -> None:

@@ -18,7 +18,7 @@ LAYERS = [
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),
     ("request path", ["app.queueing", "app.service", "app.observability"]),
-    ("features", ["app.ab", "app.prompt_tags", "app.train"]),
+    ("features", ["app.ab", "app.prompt_tags", "app.train", "app.jobqueue"]),
     ("assembly", ["app.state"]),
     ("http", ["app.api"]),
     ("entry points", ["app.main", "app.demo", "app.train.__main__", "app.serve"]),
