@@ -218,6 +218,21 @@ def _t(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def test_cancelling_one_image_of_a_shared_loop_lets_the_others_come_out(server):
+    holder = hold_the_worker(server.url)
+    dropped, kept = (submit(server.url, num_inference_steps=8, scheduler="euler", seed=s) for s in (31, 32))
+    # Both wait behind the holder, so the worker takes them into one loop once the holder is canceled.
+    wait_for(lambda: httpx.get(f"{server.url}/metrics", timeout=30).text.count("generation_queue_depth 3.0"), "queue")
+    httpx.delete(f"{server.url}/jobs/{holder['id']}", timeout=30)
+    for name, data in events(server.url, dropped["id"]):
+        if name == "progress" and data["step"] == 2:
+            assert httpx.delete(f"{server.url}/jobs/{dropped['id']}", timeout=30).json()["canceled"] is True
+    assert get_job(server.url, dropped["id"])["status"] == "canceled"
+    done = wait_until_ended(server.url, kept["id"])
+    assert done["status"] == "succeeded" and done["result"]["batch_size"] == 2
+    assert done["progress"] == {"step": 8, "steps": 8}
+
+
 def test_cancelling_an_ended_job_keeps_its_status_and_unknown_jobs_are_404(server):
     job = submit(server.url)
     wait_until_ended(server.url, job["id"])
@@ -282,8 +297,10 @@ def test_webhooks_are_refused_with_how_to_allow_them_when_no_host_is_listed(star
 # ---- durability --------------------------------------------------------------------------------------
 
 
-def test_after_kill_9_a_restart_runs_every_accepted_job_to_the_image_it_would_have_given(tmp_path):
-    # One image per loop, so that each job's image is bit-for-bit the one /generate gives alone.
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_after_a_stop_a_restart_runs_every_accepted_job_to_the_image_it_would_have_given(tmp_path, stop_signal):
+    # One image per loop, so that each job's image is bit-for-bit the one /generate gives alone (and the
+    # runner hands the service one job at a time: after SIGTERM the one under way finishes, the others wait).
     env = {"BATCH_MAX_SIZE": "1", "JOBS_MAX_PENDING": "4", "DATA_DIR": str(tmp_path / "data")}
     first = ServerProcess(tmp_path / "first", env)
     try:
@@ -293,9 +310,15 @@ def test_after_kill_9_a_restart_runs_every_accepted_job_to_the_image_it_would_ha
         full = httpx.post(f"{first.url}/jobs", json=small_request(), timeout=30)
         assert full.status_code == 429 and "JOBS_MAX_PENDING=4" in full.json()["detail"]
         wait_for(lambda: get_job(first.url, jobs[0]["id"])["status"] == "running", "the first job to run")
+        before = [get_job(first.url, job["id"])["status"] for job in jobs]
     finally:
-        first.stop(signal.SIGKILL)
-    assert first.process.returncode == -signal.SIGKILL
+        first.stop(stop_signal)
+    assert first.process.returncode == (-signal.SIGKILL if stop_signal == signal.SIGKILL else 0)
+    assert before.count("succeeded") < 4  # work was left: queued or running
+    stored = JobStore(tmp_path / "data")
+    left = sum(1 for job in jobs if stored.get(job["id"]).status != "succeeded")
+    stored.close()
+    assert left > 0
 
     second = ServerProcess(tmp_path / "second", env)
     try:
@@ -308,7 +331,7 @@ def test_after_kill_9_a_restart_runs_every_accepted_job_to_the_image_it_would_ha
             png = httpx.get(f"{second.url}/jobs/{job['id']}/image", timeout=30).content
             np.testing.assert_array_equal(pixels(png), pixels(base64.b64decode(plain.json()["image"])))
         metrics = httpx.get(f"{second.url}/metrics", timeout=30).text
-        assert 'jobs_total{status="succeeded"} 4.0' in metrics and "jobs_pending 0.0" in metrics
+        assert f'jobs_total{{status="succeeded"}} {left}.0' in metrics and "jobs_pending 0.0" in metrics
     finally:
         second.stop()
 
