@@ -19,7 +19,6 @@ from app.api.routes import metrics as metrics_routes
 from app.api.security import AuthMiddleware
 from app.config import Settings, load_settings
 from app.jobqueue.runner import JobRunner
-from app.jobqueue.store import JobStore
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, ServiceMetrics, configure_logging
 from app.state import AppState, install_sigterm_drain
 
@@ -71,7 +70,7 @@ def job_runner(state: AppState) -> JobRunner:
     s = state.settings
     secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
     return JobRunner(
-        JobStore(s.data_dir, on_status=None if state.metrics is None else state.metrics.count_job),
+        s.data_dir,
         service=lambda: state.service if state.ready else None,
         accepting=lambda: not state.draining,
         to_result=lambda outcome: generate.generate_response(outcome).model_dump(exclude={"image"}),
@@ -81,6 +80,7 @@ def job_runner(state: AppState) -> JobRunner:
         ttl_s=s.job_ttl_s,
         webhook_secret=secret,
         webhook_backoff_s=s.webhook_retry_backoff_s,
+        on_status=None if state.metrics is None else state.metrics.count_job,
     )
 
 

@@ -15,9 +15,11 @@ import base64
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.errors import JobCanceled, QueueFull, ServiceUnavailable
 from app.jobqueue import webhooks
@@ -43,7 +45,7 @@ class JobEvent:
 class JobRunner:
     def __init__(
         self,
-        store: JobStore,
+        data_dir: Path,
         service: Callable[[], object | None],
         accepting: Callable[[], bool],
         to_result: Callable[[object], dict],
@@ -53,8 +55,12 @@ class JobRunner:
         ttl_s: float,
         webhook_secret: str | None,
         webhook_backoff_s: float,
+        on_status: Callable[[str], None] | None = None,
     ):
-        self.store = store
+        self.data_dir = Path(data_dir)
+        self._on_status = on_status
+        self._store: JobStore | None = None
+        self._store_lock = threading.Lock()
         self._service = service  # the GenerationService once the model is loaded, else None
         self._accepting = accepting  # False while draining: no new job is started
         self._to_result = to_result  # GenerationOutcome -> /generate's reply without `image`
@@ -74,16 +80,28 @@ class JobRunner:
 
     # ---- life cycle ------------------------------------------------------------------------------
 
+    @property
+    def store(self) -> JobStore:
+        """The store, opened on first use (an app that never takes a job writes no file)."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = JobStore(self.data_dir, self._on_status)
+        return self._store
+
     def start(self) -> None:
-        """On the event loop: replay what the last process left, then feed the service."""
+        """On the event loop: replay what the last process left (when there is a store), then feed the service."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        interrupted = self.store.requeue_interrupted()
-        if interrupted:
-            logger.warning("jobs: %d jobs were running when the last process ended; they run again", len(interrupted))
-        self.store.purge(self.ttl_s)
-        for record in self.store.undelivered_webhooks():
-            self._send_webhook(record)
+        if JobStore.exists(self.data_dir):
+            interrupted = self.store.requeue_interrupted()
+            if interrupted:
+                logger.warning(
+                    "jobs: %d jobs were running when the last process ended; they run again", len(interrupted)
+                )
+            self.store.purge(self.ttl_s)
+            for record in self.store.undelivered_webhooks():
+                self._send_webhook(record)
         self._feeder = asyncio.create_task(self._feed(), name="jobs-feeder")
 
     async def stop(self) -> None:
@@ -92,7 +110,9 @@ class JobRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -103,10 +123,10 @@ class JobRunner:
         while True:
             service = self._service()
             room = self.max_inflight - len(self._tasks)
-            if service is not None and room > 0 and self._accepting():
+            if service is not None and room > 0 and self._accepting() and self._store is not None:
                 for record in self.store.queued(room, exclude=set(self._tasks)):
                     self._tasks[record.id] = asyncio.create_task(self._run(service, record), name=f"job-{record.id}")
-            if time.monotonic() - last_purge > PURGE_EVERY_S:
+            if self._store is not None and time.monotonic() - last_purge > PURGE_EVERY_S:
                 await asyncio.to_thread(self.store.purge, self.ttl_s)
                 last_purge = time.monotonic()
             self._wake.clear()
@@ -233,6 +253,8 @@ class JobRunner:
         }
 
     def pending(self) -> int:
+        if self._store is None:
+            return 0
         counts = self.store.counts()
         return counts[QUEUED] + counts[RUNNING]
 

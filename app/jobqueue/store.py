@@ -132,6 +132,10 @@ class JobStore:
             self._conn.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
             self._conn.executescript(SCHEMA)
 
+    @staticmethod
+    def exists(data_dir: Path) -> bool:
+        return (Path(data_dir) / STORE_FILE).exists()
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
