@@ -15,37 +15,12 @@ from app.lora.synthetic import random_lora_state_dict, target_layers, write_lora
 
 DEMO_BRANDS = {
     # brand: (key format, rank, seed, versions, metadata)
-    "acme": (
-        "peft",
-        8,
-        11,
-        1,
-        {
-            "type": "style",
-            "base_model": "embedded tiny SD 1.5 (random weights)",
-            "training_steps": 0,
-            "version_notes": "demo LoRA with random factors",
-        },
-    ),
-    "globex": (
-        "kohya",
-        8,
-        22,
-        2,
-        {
-            "type": "product",
-            "base_model": "embedded tiny SD 1.5 (random weights)",
-            "training_steps": 0,
-            "version_notes": "demo kohya-format LoRA",
-        },
-    ),
-    "studio-light": (
-        "peft",
-        4,
-        33,
-        1,
-        {"type": "photography", "base_model": "embedded tiny SD 1.5", "version_notes": "demo photography LoRA"},
-    ),
+    "acme": ("peft", 8, 11, 1, {"type": "style", "base_model": "embedded tiny SD 1.5 (random weights)",
+                                "training_steps": 0, "version_notes": "demo LoRA with random factors"}),
+    "globex": ("kohya", 8, 22, 2, {"type": "product", "base_model": "embedded tiny SD 1.5 (random weights)",
+                                    "training_steps": 0, "version_notes": "demo kohya-format LoRA"}),
+    "studio-light": ("peft", 4, 33, 1, {"type": "photography", "base_model": "embedded tiny SD 1.5",
+                                        "version_notes": "demo photography LoRA"}),
 }
 
 

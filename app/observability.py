@@ -81,33 +81,25 @@ class ServiceMetrics:
     def __init__(self, state):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "http_requests",
-            "HTTP requests by endpoint and status",
-            ["method", "endpoint", "status"],
+            "http_requests", "HTTP requests by endpoint and status", ["method", "endpoint", "status"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
-            "http_request_duration_seconds",
-            "HTTP request latency",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
+            "http_request_duration_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.generation_seconds = Histogram(
-            "generation_duration_seconds",
-            "Time in the diffusion pipeline per image",
-            buckets=LATENCY_BUCKETS,
+            "generation_duration_seconds", "Time in the diffusion pipeline per image", buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.generation_batch_size = Histogram(
-            "generation_batch_size",
-            "Images per denoising loop",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            "generation_batch_size", "Images per denoising loop", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
             registry=self.registry,
         )
         self.jobs = Counter("jobs", "Jobs that entered each status (POST /jobs)", ["status"], registry=self.registry)
         self.state_collector = _StateCollector(state)
         self.registry.register(self.state_collector)
+
 
     def count_job(self, status: str) -> None:
         self.jobs.labels(status=status).inc()

@@ -97,22 +97,12 @@ class GenerateRequest(GenerationSettings):
         strict=True,
         json_schema_extra={
             "examples": [
-                {
-                    "prompt": "a red coffee cup on a table",
-                    "width": 256,
-                    "height": 256,
-                    "num_inference_steps": 20,
-                    "seed": 42,
-                },
+                {"prompt": "a red coffee cup on a table", "width": 256, "height": 256, "num_inference_steps": 20,
+                 "seed": 42},
                 {"prompt": "a red coffee cup on a table", "brand_id": "acme", "lora_weights": 0.8, "seed": 42},
-                {
-                    "prompt": "a phone on a desk",
-                    "seed": 7,
-                    "lora_configs": [
-                        {"brand_id": "acme", "weight": 0.7, "type": "style"},
-                        {"brand_id": "studio-light", "weight": 0.4, "type": "photography"},
-                    ],
-                },
+                {"prompt": "a phone on a desk", "seed": 7, "lora_configs": [
+                    {"brand_id": "acme", "weight": 0.7, "type": "style"},
+                    {"brand_id": "studio-light", "weight": 0.4, "type": "photography"}]},
             ]
         },
     )
@@ -267,21 +257,12 @@ class AbTestRequest(GenerationSettings):
         "strict": True,
         "json_schema_extra": {
             "examples": [
-                {
-                    "prompt": "a red coffee cup on a table",
-                    "seed": 42,
-                    "width": 256,
-                    "height": 256,
-                    "grid": [
-                        {"brand_id": "acme", "weights": [0.2, 0.8]},
-                        {"brand_id": "globex", "weights": [0.0, 0.5]},
-                    ],
-                },
-                {
-                    "prompt": "a phone on a desk",
-                    "seeds": [1, 2],
-                    "variants": [{"lora_configs": []}, {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}],
-                },
+                {"prompt": "a red coffee cup on a table", "seed": 42, "width": 256, "height": 256,
+                 "grid": [{"brand_id": "acme", "weights": [0.2, 0.8]},
+                          {"brand_id": "globex", "weights": [0.0, 0.5]}]},
+                {"prompt": "a phone on a desk", "seeds": [1, 2], "variants": [
+                    {"lora_configs": []},
+                    {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}]},
             ]
         },
     }

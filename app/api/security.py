@@ -32,10 +32,8 @@ ADMIN_ROUTE_PATTERNS = (
 
 
 def _matches(given: str | None, expected) -> bool:
-    return (
-        given is not None
-        and expected is not None
-        and hmac.compare_digest(given.encode(), expected.get_secret_value().encode())
+    return given is not None and expected is not None and hmac.compare_digest(
+        given.encode(), expected.get_secret_value().encode()
     )
 
 

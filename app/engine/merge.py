@@ -41,13 +41,9 @@ class AdapterMerger:
         """
         wanted = sorted((a for a in adapters if a.weight != 0.0), key=lambda a: a.key)
         signature = (components, *((a.key, a.weights, a.weight) for a in wanted))
-        if (
-            len(signature) == len(self._merged_set)
-            and signature[0] == self._merged_set[0]
-            and all(
-                k1 == k2 and w1 is w2 and x1 == x2
-                for (k1, w1, x1), (k2, w2, x2) in zip(signature[1:], self._merged_set[1:], strict=True)
-            )
+        if len(signature) == len(self._merged_set) and signature[0] == self._merged_set[0] and all(
+            k1 == k2 and w1 is w2 and x1 == x2
+            for (k1, w1, x1), (k2, w2, x2) in zip(signature[1:], self._merged_set[1:], strict=True)
         ):
             return False
         plan: dict[Target, list[tuple[LoraLayer, float]]] = {}

@@ -254,7 +254,9 @@ class LoraRegistry:
             if candidate.is_file():
                 return self._confined(candidate, brand_id)
         named = {pattern.format(brand_id=brand_id) for pattern in FILE_NAMES_IN_ORDER}
-        others = [name for name in self._file_names(folder) if name.endswith(LORA_SUFFIX) and name not in named]
+        others = [
+            name for name in self._file_names(folder) if name.endswith(LORA_SUFFIX) and name not in named
+        ]
         # Two unnamed files would make the choice a guess, so neither is used.
         return self._confined(folder / others[0], brand_id) if len(others) == 1 else None
 

@@ -213,7 +213,8 @@ def _check_offsets(tensors: dict[str, tuple[str, list[int], tuple[int, int]]], d
         previous_name, previous_end = name, end
     if previous_end != data_len:
         raise InvalidLoraFile(
-            f"file has {data_len - previous_end} unexpected bytes after the last tensor; not a safetensors file"
+            f"file has {data_len - previous_end} unexpected bytes after the last tensor; "
+            "not a safetensors file"
         )
 
 

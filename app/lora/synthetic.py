@@ -12,16 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-ATTENTION = (
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-)
+ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+             "attn2.to_v", "attn2.to_out.0")
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 PROJECTIONS = ("proj_in", "proj_out")
 RESNET_CONVS = ("conv1", "conv2")

@@ -72,7 +72,9 @@ def replica_options(settings: Settings) -> dict:
             "num_gpus": settings.ray_replica_gpus,
             "runtime_env": {"env_vars": env} if env else {},
         },
-        "request_router_config": RequestRouterConfig(request_router_class="app.serve.router:LoraAffinityRouter"),
+        "request_router_config": RequestRouterConfig(
+            request_router_class="app.serve.router:LoraAffinityRouter"
+        ),
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
     }

@@ -46,12 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the brand's interrupted run from its checkpoint (same data and options; "
                         "--steps may be raised)")  # fmt: skip
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=100,
-        help="keep a resumable checkpoint every N steps and on interruption (0 = none; default 100)",
-    )
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="keep a resumable checkpoint every N steps and on interruption (0 = none; default 100)")
     p.add_argument("--samples", type=int, default=2, help="sample images saved with the version (default 2)")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps of each sample (default 20)")
     p.add_argument("--progress-json", action="store_true", help="JSON progress lines on stdout, no progress bar")
@@ -111,11 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except KeyboardInterrupt:
         emit("cancelled")
-        print(
-            "training interrupted; nothing was published"
-            + (" (--resume continues from the checkpoint)" if args.checkpoint_every else ""),
-            file=sys.stderr,
-        )
+        print("training interrupted; nothing was published" +
+              (" (--resume continues from the checkpoint)" if args.checkpoint_every else ""), file=sys.stderr)
         return 130
     except (InvalidDataset, TrainingError, ValueError, OSError) as exc:
         # ValueError covers invalid brand ids and unsafe paths; UploadRefused is a refusal to publish.
@@ -133,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     emit("done", version=result.version, file=str(result.file), loss_first=result.loss_first,
          loss_last=result.loss_last, seconds=result.seconds)  # fmt: skip
     if not json_mode:
-        print(
-            f"{args.brand} {result.version}: {result.file}\n"
-            f"loss {result.loss_first:.4f} -> {result.loss_last:.4f} in {result.steps} steps, {result.seconds:.1f} s"
-        )
+        print(f"{args.brand} {result.version}: {result.file}\n"
+              f"loss {result.loss_first:.4f} -> {result.loss_last:.4f} in {result.steps} steps, {result.seconds:.1f} s")
     return 0
 
 

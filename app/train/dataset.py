@@ -222,12 +222,6 @@ def extract_zip(archive: Path, target: Path, max_members: int, max_bytes: int) -
                         dst.write(chunk)
             except FileExistsError:
                 raise InvalidDataset(f"zip member {name!r} appears twice") from None
-            except (
-                zipfile.BadZipFile,
-                zipfile.LargeZipFile,
-                NotImplementedError,
-                EOFError,
-                RuntimeError,
-                zlib.error,
-            ) as exc:  # a corrupt, encrypted or unsupported member
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, RuntimeError,
+                    zlib.error) as exc:  # a corrupt, encrypted or unsupported member
                 raise InvalidDataset(f"zip member {name!r} cannot be extracted: {exc}") from None

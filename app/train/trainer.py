@@ -372,11 +372,8 @@ class _Run:
             name = f"samples/seed-{seed}.png"
             image.save(staging / name)
             extras[name] = staging / name
-        (staging / "samples" / "prompts.json").write_text(
-            json.dumps(
-                {f"seed-{s}.png": self.dataset.examples[s % len(self.dataset)].caption for s in range(count)}, indent=2
-            )
-        )
+        (staging / "samples" / "prompts.json").write_text(json.dumps(
+            {f"seed-{s}.png": self.dataset.examples[s % len(self.dataset)].caption for s in range(count)}, indent=2))
         extras["samples/prompts.json"] = staging / "samples" / "prompts.json"
         return extras
 

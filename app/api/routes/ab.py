@@ -48,7 +48,9 @@ async def run_test(
 ) -> AbTestResponse:
     seeds = body.seeds or [body.seed if body.seed is not None else draw_seed()]
     plan = plan_with_tags(_plan(body, seeds, settings.ab_max_variants), body.prompt)  # prompt tags in every variant
-    service.check_limits(body.width, body.height, body.num_inference_steps, max(len(v.loras) for v in plan.variants))
+    service.check_limits(
+        body.width, body.height, body.num_inference_steps, max(len(v.loras) for v in plan.variants)
+    )
     spec = body.spec(seeds[0])
     outcome = await run_ab_test(service, plan, spec, strict=body.strict, disconnected=request.is_disconnected)
     sheet = await run_in_threadpool(_contact_sheet_png, plan, outcome)

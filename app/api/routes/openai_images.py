@@ -50,14 +50,8 @@ class OpenAIImagesRequest(BaseModel):
         strict=True,
         json_schema_extra={
             "examples": [
-                {
-                    "prompt": "a red coffee cup <lora:acme:0.8>",
-                    "n": 2,
-                    "size": "512x512",
-                    "seed": 42,
-                    "num_inference_steps": 20,
-                    "scheduler": "euler_a",
-                },
+                {"prompt": "a red coffee cup <lora:acme:0.8>", "n": 2, "size": "512x512", "seed": 42,
+                 "num_inference_steps": 20, "scheduler": "euler_a"},
             ]
         },
     )
