@@ -116,6 +116,9 @@ def server(tmp_path_factory, receiver):
         "WEBHOOK_ALLOWED_HOSTS": f"127.0.0.1:{receiver.port}",
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_RETRY_BACKOFF_S": "0.05",
+        # When several jobs wait, the worker waits this long for them to fill a loop: the shared-loop test
+        # needs its two jobs in one loop, whichever reaches the queue first. A lone job never waits.
+        "BATCH_WAIT_MS": "500",
     }
     server = ServerProcess(work, env)
     yield server
