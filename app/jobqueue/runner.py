@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import JobCanceled, QueueFull, ServiceUnavailable
+from app.errors import JobCanceled, QueueFull, QueueTimeout, ServiceUnavailable
 from app.jobqueue import webhooks
 from app.jobqueue.store import CANCELED, ENDED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
 from app.jobs import StepControl
@@ -77,6 +77,7 @@ class JobRunner:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._feeder: asyncio.Task | None = None
+        self._stopping = False
 
     # ---- life cycle ------------------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class JobRunner:
         """On the event loop: replay what the last process left (when there is a store), then feed the service."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._stopping = False
         if JobStore.exists(self.data_dir):
             interrupted = self.store.requeue_interrupted()
             if interrupted:
@@ -106,6 +108,7 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop feeding; jobs not ended stay queued or running in the store and run at the next start."""
+        self._stopping = True
         tasks = [t for t in (self._feeder, *self._tasks.values(), *self._background) if t is not None]
         for task in tasks:
             task.cancel()
@@ -153,7 +156,10 @@ class JobRunner:
                 try:
                     outcome = await service.generate(record.spec, record.loras, record.strict, control=control)
                     break
-                except QueueFull:  # /generate's queue is full: wait for it to free (the job stays queued)
+                except (
+                    QueueFull,
+                    QueueTimeout,
+                ):  # /generate's queue is full or slow: the job stays queued, tries again
                     if control.discarded:
                         return
                     await asyncio.sleep(RETRY_FULL_S)
@@ -172,12 +178,12 @@ class JobRunner:
                 self._ended(ended)
         except JobCanceled:
             pass  # `cancel` wrote the state and told the listeners
-        except ServiceUnavailable:
-            pass  # shutting down: the job stays queued or running in the store and runs at the next start
         except asyncio.CancelledError:
-            raise
+            raise  # the runner stops: the job stays queued or running in the store and runs at the next start
         except Exception as exc:  # the job failed as /generate would have: the same status and detail
-            if not isinstance(exc, ValueError | LookupError):
+            if isinstance(exc, ServiceUnavailable) and (self._stopping or not self._accepting()):
+                return  # shutting down: as above
+            if not isinstance(exc, ValueError | LookupError | ServiceUnavailable):
                 logger.exception("job %s failed", job_id)
             ended = self.store.transition(job_id, FAILED, error=self._to_error(exc), step=control.step)
             if ended is not None:
