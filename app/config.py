@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     ab_max_variants: int = Field(16, ge=1, le=256)
     data_dir: Path = Field(PROJECT_ROOT / "data", description="where the A/B test store (SQLite) lives")
 
+    # Jobs (POST /jobs): records in DATA_DIR/jobs.sqlite3, images in DATA_DIR/jobs/
+    job_ttl_s: float = Field(86400.0, gt=0, description="finished jobs (records and images) are purged after this")
+    jobs_max_pending: int = Field(1000, ge=1, description="jobs queued or running; beyond, POST /jobs answers 429")
+    preview_every: int = Field(5, ge=1, le=1000, description="a job's preview (when asked) every this many steps")
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of X-Webhook-Signature; webhooks are refused while it is unset"
+    )
+    webhook_allowed_hosts: str = Field(
+        "", description="comma-separated hosts a webhook_url may name (host or host:port); empty = no webhooks"
+    )
+    webhook_retry_backoff_s: float = Field(
+        1.0, ge=0, le=600, description="wait before the first webhook retry; doubled before each of the next two"
+    )
+
     # Training jobs (POST /lora/{brand_id}/train)
     train_max_dataset_mb: int = Field(
         512, ge=1, description="largest dataset zip, and the most its files may add up to once extracted"
@@ -130,7 +144,7 @@ class Settings(BaseSettings):
             raise ValueError("MODEL_ID must not be empty (use 'tiny' for the embedded model)")
         return value.strip()
 
-    @field_validator("api_key", "admin_api_key", mode="before")
+    @field_validator("api_key", "admin_api_key", "webhook_secret", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -162,6 +176,10 @@ class Settings(BaseSettings):
     @property
     def preload_brands(self) -> list[str]:
         return [b.strip() for b in self.lora_preload_brands.split(",") if b.strip()]
+
+    @property
+    def webhook_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_allowed_hosts.split(",") if h.strip()]
 
     @property
     def uses_embedded_model(self) -> bool:

@@ -14,12 +14,13 @@ from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.access import KeyRing, KeysFileError
-from app.api.errors import add_error_handlers
-from app.api.routes import a1111, ab, generate, health, lora, lora_versions, openai_images, train
+from app.api.errors import add_error_handlers, error_body
+from app.api.routes import a1111, ab, generate, health, jobs, lora, lora_versions, openai_images, train
 from app.api.routes import metrics as metrics_routes
 from app.api.schemas import show_configured_maxima
 from app.api.security import AuthMiddleware, authorize
 from app.config import Settings, load_settings
+from app.jobqueue.runner import JobRunner
 from app.observability import BodyLimitMiddleware, RequestContextMiddleware, ServiceMetrics, configure_logging
 from app.state import AppState, install_sighup_reload, install_sigterm_drain
 
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         state.registry.ensure_root()
         state.start()
         keys.start()
+        state.jobs = job_runner(state)
+        state.jobs.start()
         restore_signal = install_sigterm_drain(state)
         restore_hup = install_sighup_reload(keys.reload)
         try:
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         finally:
             restore_hup()
             restore_signal()
+            await state.jobs.stop()
             keys.stop()
             state.stop()
 
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_image_bytes=settings.max_image_body_bytes
     )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    routers = (health, metrics_routes, generate, openai_images, a1111, lora, lora_versions, train, ab)
+    routers = (health, metrics_routes, generate, jobs, openai_images, a1111, lora, lora_versions, train, ab)
     for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)
@@ -79,6 +83,26 @@ def key_ring(settings: Settings) -> KeyRing:
         return KeyRing(settings.api_keys_file, secret(settings.api_key), secret(settings.admin_api_key))
     except KeysFileError as exc:
         raise SystemExit(f"Invalid configuration: {exc}") from None
+
+
+def job_runner(state: AppState) -> JobRunner:
+    """The jobs' store and runner: jobs go through the app's GenerationService once it is loaded; a job's
+    `result` is /generate's reply (without the image, a file) and its `error` is /generate's answer."""
+    s = state.settings
+    secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
+    return JobRunner(
+        s.data_dir,
+        service=lambda: state.service if state.ready else None,
+        accepting=lambda: not state.draining,
+        to_result=lambda outcome: generate.generate_response(outcome).model_dump(exclude={"image"}),
+        to_error=error_body,
+        max_inflight=s.batch_max_size,
+        preview_every=s.preview_every,
+        ttl_s=s.job_ttl_s,
+        webhook_secret=secret,
+        webhook_backoff_s=s.webhook_retry_backoff_s,
+        on_status=None if state.metrics is None else state.metrics.count_job,
+    )
 
 
 def run() -> None:

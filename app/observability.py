@@ -122,8 +122,13 @@ class ServiceMetrics:
             "api_key_requests_limited", "Requests refused with 429 for the key's requests_per_minute", ["key"],
             registry=self.registry,
         )
+        self.jobs = Counter("jobs", "Jobs that entered each status (POST /jobs)", ["status"], registry=self.registry)
         self.state_collector = _StateCollector(state)
         self.registry.register(self.state_collector)
+
+
+    def count_job(self, status: str) -> None:
+        self.jobs.labels(status=status).inc()
 
 
 class _StateCollector:
@@ -137,6 +142,10 @@ class _StateCollector:
         depth = GaugeMetricFamily("generation_queue_depth", "Generations waiting or running")
         depth.add_metric([], state.queue.depth if state.queue is not None else 0)
         yield depth
+        if state.jobs is not None:
+            pending = GaugeMetricFamily("jobs_pending", "Jobs queued or running (JOBS_MAX_PENDING bounds them)")
+            pending.add_metric([], state.jobs.pending())
+            yield pending
         manager = state.loras
         if manager is None:
             return

@@ -209,7 +209,8 @@ class GenerationQueue:
             self._pending.popleft()
             # Wait for companions only where they can come: other requests are on their way (reserved,
             # loading their LoRAs, or queued), or the last loop was shared. A lone client never waits.
-            concurrent = self._waiting > 1 or self._last_batch_size > 1
+            canceled = sum(1 for entry in self._pending if _discarded(entry))  # never start: not companions
+            concurrent = self._waiting - canceled > 1 or self._last_batch_size > 1
             deadline = time.monotonic() + (self.batch_wait_s if concurrent else 0.0)
             while (
                 self.batch_max_size > 1
@@ -241,7 +242,11 @@ class GenerationQueue:
         room = self.batch_max_size - 1
         if room <= 0:
             return []
-        compatible = [e for e in self._pending if e.job.batch_key == head.job.batch_key and not e.future.done()]
+        compatible = [
+            e
+            for e in self._pending
+            if e.job.batch_key == head.job.batch_key and not e.future.done() and not _discarded(e)
+        ]
         same_set = [e for e in compatible if e.job.merge_signature == head.job.merge_signature][:room]
         if self.mixed and min(len(compatible), room) + 1 >= 2 * (len(same_set) + 1):
             return compatible[:room]

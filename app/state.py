@@ -34,6 +34,7 @@ class AppState:
     ab_store: object | None = None  # AbStore, opened on first use
     metrics: object | None = None  # ServiceMetrics
     train_jobs: object | None = None  # TrainJobs (training runs in child processes)
+    jobs: object | None = None  # JobRunner (POST /jobs), started with the app
     preload: dict[str, str | None] = field(default_factory=dict)
     load_error: str | None = None
     draining: bool = False

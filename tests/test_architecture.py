@@ -21,7 +21,7 @@ LAYERS = [
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),
     ("request path", ["app.queueing", "app.service", "app.observability", "app.prompt_tags"]),
-    ("features", ["app.ab", "app.train"]),
+    ("features", ["app.ab", "app.train", "app.jobqueue"]),
     ("assembly", ["app.state"]),
     ("http", ["app.api"]),
     ("entry points", ["app.main", "app.demo", "app.train.__main__", "app.serve", "app.keys"]),

@@ -31,6 +31,7 @@ from app.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from app.jobqueue.store import NoJobImage, TooManyPendingJobs, UnknownJob
 from app.lora.registry import InvalidLoraId, UnsafeLoraPath
 from app.lora.uploads import UploadRefused
 from app.train.jobs import TrainJobBusy, TrainJobNotFound
@@ -71,6 +72,9 @@ ERROR_TABLE: dict[type[Exception], object] = {
     ServiceUnavailable: lambda e: ErrorAnswer(503, str(e), kind="unavailable", headers=RETRY_AFTER),
     ClientGone: lambda e: ErrorAnswer(499, "the client closed the connection"),
     JobCanceled: lambda e: ErrorAnswer(409, str(e), kind="canceled"),
+    UnknownJob: lambda e: ErrorAnswer(404, str(e)),
+    NoJobImage: lambda e: ErrorAnswer(404, str(e)),
+    TooManyPendingJobs: lambda e: ErrorAnswer(429, str(e), kind="rate_limit", headers=RETRY_AFTER),
     GenerationOutOfMemory: lambda e: ErrorAnswer(
         503, f"the GPU ran out of memory for this request ({e}); try a smaller size", kind="unavailable",
         headers=RETRY_AFTER,
@@ -87,11 +91,19 @@ def answer_for(exc: Exception) -> ErrorAnswer | None:
 
 def detail_response(answer: ErrorAnswer) -> JSONResponse:
     """The service's own shape."""
+    return JSONResponse(status_code=answer.status, content=detail_content(answer), headers=answer.headers)
+
+
+def detail_content(answer: ErrorAnswer) -> dict:
     if answer.status == 422 and answer.field is not None:
-        content = {"detail": [{"loc": ["body", answer.field], "msg": answer.message, "type": answer.kind}]}
-    else:
-        content = {"detail": answer.message}
-    return JSONResponse(status_code=answer.status, content=content, headers=answer.headers)
+        return {"detail": [{"loc": ["body", answer.field], "msg": answer.message, "type": answer.kind}]}
+    return {"detail": answer.message}
+
+
+def error_body(exc: BaseException) -> dict:
+    """{status, detail}: what the request path's error would have answered (a failed job's `error`)."""
+    answer = answer_for(exc) or ErrorAnswer(500, f"internal error ({type(exc).__name__}); see the server log")
+    return {"status": answer.status, **detail_content(answer)}
 
 
 def add_error_handlers(app: FastAPI) -> None:

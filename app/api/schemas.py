@@ -452,3 +452,76 @@ def show_configured_maxima(app: FastAPI, settings: Settings) -> None:
         return schema
 
     app.openapi = openapi
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------
+
+
+class JobRequest(GenerateRequest):
+    """POST /jobs: the /generate body, plus where to call back and whether to stream previews."""
+
+    webhook_url: Annotated[str, Field(max_length=2000)] | None = Field(
+        None, description="POSTed the job JSON when the job ends; its host must be in WEBHOOK_ALLOWED_HOSTS"
+    )
+    preview: bool = Field(
+        False, description="progress events carry a preview (base64 PNG, <= 128 px) every PREVIEW_EVERY steps"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a red coffee cup on a table",
+                    "brand_id": "acme",
+                    "num_inference_steps": 20,
+                    "preview": True,
+                    "webhook_url": "https://hooks.example.com/images",
+                },
+            ]
+        },
+    )
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="denoising steps done, 1..steps")
+    steps: int = Field(description="the steps the loop runs")
+
+
+class JobError(BaseModel):
+    status: int = Field(description="the HTTP status /generate would have answered")
+    detail: str | list
+
+
+class JobWebhook(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+
+
+class JobResultPublic(GenerateResponse):
+    image: str | None = Field(None, description="base64-encoded PNG (left out of GET /jobs lists)")
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    owner: str | None = Field(None, description="the API key's name that submitted it (null without keys)")
+    progress: JobProgress
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    result: JobResultPublic | None = Field(None, description="on success: the fields of /generate's reply")
+    error: JobError | None = Field(None, description="on failure")
+    webhook: JobWebhook | None = None
+
+
+class JobCancelPublic(JobPublic):
+    canceled: bool = Field(description="true when this call canceled the job; false when it had already ended")
+    message: str
+
+
+class JobListPublic(BaseModel):
+    data: list[JobPublic]
+    count: int

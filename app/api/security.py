@@ -60,6 +60,12 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): "admin",
     # Image endpoints being added beside this one (their LoRA sets pass GenerationService.admit).
     ("POST", "/jobs"): "generate",
+    # A key sees and cancels its own jobs (another key's job: 404); an admin key every job.
+    ("GET", "/jobs"): "generate",
+    ("GET", "/jobs/{job_id}"): "generate",
+    ("GET", "/jobs/{job_id}/image"): "generate",
+    ("GET", "/jobs/{job_id}/events"): "generate",
+    ("DELETE", "/jobs/{job_id}"): "generate",
     ("POST", "/sdapi/v1/txt2img"): "generate",
     ("POST", "/sdapi/v1/img2img"): "generate",
     # AUTOMATIC1111's calls around them: /loras lists the key's brands; /progress and /interrupt see the

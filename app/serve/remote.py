@@ -29,8 +29,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from app.config import Settings
-from app.errors import AnsweredError, ClientGone, QueueFull, QueueTimeout, ServiceUnavailable
-from app.jobs import AppliedLora, GenerationSpec, LoraSpec
+from app.errors import AnsweredError, ClientGone, JobCanceled, QueueFull, QueueTimeout, ServiceUnavailable
+from app.jobs import AppliedLora, GenerationSpec, LoraSpec, StepControl
 from app.lora.cache import CacheStats
 from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
@@ -100,14 +100,18 @@ class RemoteGenerationService(GenerationService):
         loras: Sequence[LoraSpec],
         strict: bool = False,
         disconnected: Disconnected = None,
-        control=None,
+        control: StepControl | None = None,
     ) -> RemoteOutcome:
+        """`control` (a job's): started when the request goes to a replica, and its `cancel()` cancels the
+        replica's request (which stops a running loop at its next step). No progress crosses yet."""
         start = time.perf_counter()
         key, slot = self.routing_key(loras)
         attempts = self.settings.ray_retries + 1
+        if control is not None:
+            control.start()
         for attempt in range(attempts):
             try:
-                reply = await self._call(key, slot, spec, list(loras), strict, disconnected)
+                reply = await self._call(key, slot, spec, list(loras), strict, disconnected, control)
                 break
             except REPLICA_LOST as exc:
                 # The image is a pure function of the request (seeded), so running it again is safe.
@@ -145,7 +149,9 @@ class RemoteGenerationService(GenerationService):
             routing_key=key,
         )
 
-    async def _call(self, key: str, slot: int | None, spec, loras, strict, disconnected: Disconnected) -> dict:
+    async def _call(
+        self, key: str, slot: int | None, spec, loras, strict, disconnected: Disconnected, control=None
+    ) -> dict:
         handle = self.handle.options(multiplexed_model_id=key) if key else self.handle
         try:
             response = handle.generate.remote(spec, loras, strict, slot=slot)
@@ -160,6 +166,8 @@ class RemoteGenerationService(GenerationService):
                     return task.result()
                 if disconnected is not None and await disconnected():
                     raise ClientGone()
+                if control is not None and control.discarded:
+                    raise JobCanceled()
                 if time.perf_counter() > deadline:
                     raise QueueTimeout("no generation replica answered in time")
         except BackPressureError as exc:

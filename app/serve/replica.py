@@ -6,6 +6,7 @@ bytes, applied LoRAs, warnings and timings out (never tensors), or the error's H
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from ray import serve
 
 from app.api.errors import answer_for
 from app.config import Settings
-from app.jobs import GenerationSpec, LoraSpec
+from app.jobs import GenerationSpec, LoraSpec, StepControl
 from app.observability import ServiceMetrics, configure_logging
 from app.serve.board import POLL_S
 from app.serve.routing import base_key
@@ -64,8 +65,12 @@ class GenerationReplica:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self._hold(model_id)
+        control = StepControl()
         try:
-            outcome = await self.state.service.generate(spec, loras, strict)
+            outcome = await self.state.service.generate(spec, loras, strict, control=control)
+        except asyncio.CancelledError:
+            control.cancel()  # the ingress canceled (a job's DELETE, a client gone): the loop stops at its next step
+            raise
         except Exception as exc:
             answer = answer_for(exc)
             if answer is None:

@@ -9,7 +9,7 @@ from app.api.prompt_loras import check_tag_duplicates
 from app.api.schemas import AppliedLoraPublic, GenerateRequest, GenerateResponse, Timings
 from app.errors import InvalidRequest, check_unique
 from app.jobs import LoraSpec
-from app.service import draw_seed
+from app.service import GenerationOutcome, draw_seed
 
 router = APIRouter(tags=["generation"])
 
@@ -33,6 +33,11 @@ async def generate(body: GenerateRequest, service: ServiceDep, request: Request)
     service.check_limits(body.width, body.height, body.num_inference_steps, len(specs))
     spec = body.spec(body.seed if body.seed is not None else draw_seed())
     outcome = await service.generate(spec, specs, strict=body.strict, disconnected=request.is_disconnected)
+    return generate_response(outcome)
+
+
+def generate_response(outcome: GenerationOutcome) -> GenerateResponse:
+    """/generate's reply for an outcome; a job's `result` is this too (stored without `image`)."""
     return GenerateResponse(
         image=outcome.image_base64,
         seed=outcome.seed,
