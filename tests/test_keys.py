@@ -107,6 +107,13 @@ IMAGE_REQUESTS = {
     "ab-test variants": ("/ab-test", lambda b: {**small_request(), "variants": [
         {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}, {"lora_configs": [{"brand_id": b, "weight": 0.5}]}]}),
     "ab-test grid": ("/ab-test", lambda b: {**small_request(), "grid": [{"brand_id": b, "weights": [0, 0.5]}]}),
+    "img2img brand_id": ("/generate", lambda b: small_request(brand_id=b, init_image=small_png())),
+    "job brand_id": ("/jobs", lambda b: small_request(brand_id=b)),
+    "job tag": ("/jobs", lambda b: small_request(prompt=f"a cup <lora:{b}:0.5>")),
+    "sdapi txt2img tag": ("/sdapi/v1/txt2img", lambda b: {"prompt": f"a cup <lora:{b}:0.5>", "steps": 2,
+                                                           "width": 64, "height": 64}),
+    "sdapi img2img tag": ("/sdapi/v1/img2img", lambda b: {"prompt": f"a cup <lora:{b}:0.5>", "steps": 2,
+                                                           "width": 64, "height": 64, "init_images": [small_png()]}),
     "ab-test prompt tag": ("/ab-test", lambda b: {**small_request(prompt=f"a cup <lora:{b}:0.3>"), "variants": [
         {"lora_configs": [{"brand_id": "acme", "weight": 0.5}]}, {"lora_configs": []}]}),
 }  # fmt: skip
@@ -142,6 +149,56 @@ def test_own_brands_and_the_base_model_generate(server):
     )
     assert ab.status_code == 200, ab.text
     assert key_series(server, "images", "acme-gen") >= 6  # 3 + 1 + the A/B test's 2
+
+
+def small_png(mode: str = "RGB", colour=(200, 40, 40)) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (64, 64), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_openai_edit_with_another_brand_is_403_naming_it(server):
+    answers = {}
+    for brand in FORBIDDEN:
+        files = {"image": ("i.png", base64.b64decode(small_png("RGBA", (200, 40, 40, 0))))}
+        data = {"prompt": f"a cup <lora:{brand}:0.5>", "size": "64x64", "num_inference_steps": "2"}
+        answers[brand] = server.client.post("/v1/images/edits", files=files, data=data, headers=auth("acme-gen"))
+    for brand, r in answers.items():
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["type"] == "permission_error" and f"brand '{brand}'" in r.text
+    same_answer(answers)
+
+
+def test_a_keys_jobs_are_its_own_and_a_refused_job_is_not_stored(server):
+    before = get(server, "/jobs", "root").json()["count"]
+    assert post(server, "/jobs", "acme-gen", json=small_request(brand_id="globex")).status_code == 403
+    assert get(server, "/jobs", "root").json()["count"] == before  # nothing was stored
+    accepted = post(server, "/jobs", "acme-gen", json=small_request(brand_id="acme"))
+    assert accepted.status_code == 202, accepted.text
+    job = accepted.json()
+    assert job["owner"] == "acme-gen"
+    # Another key: the job is as unknown as a job that does not exist (the id aside).
+    for method, path in [("GET", "/jobs/{}"), ("GET", "/jobs/{}/image"), ("GET", "/jobs/{}/events"),
+                         ("DELETE", "/jobs/{}")]:  # fmt: skip
+        theirs = server.client.request(method, path.format(job["id"]), headers=auth("acme-pub"))
+        missing = server.client.request(method, path.format("0" * 32), headers=auth("acme-pub"))
+        assert theirs.status_code == missing.status_code == 404, (path, theirs.text)
+        assert theirs.text.replace(job["id"], "<id>") == missing.text.replace("0" * 32, "<id>")
+    assert job["id"] not in [j["id"] for j in get(server, "/jobs", "acme-pub").json()["data"]]
+    assert job["id"] in [j["id"] for j in get(server, "/jobs", "acme-gen").json()["data"]]
+    assert job["id"] in [j["id"] for j in get(server, "/jobs", "root").json()["data"]]
+    assert get(server, f"/jobs/{job['id']}", "root").status_code == 200
+
+
+def test_automatic1111_lists_only_the_keys_brands(server):
+    basic = {"Authorization": "Basic " + base64.b64encode(f"webui:{KEYS['acme-gen']}".encode()).decode()}
+    mine = server.client.get("/sdapi/v1/loras", headers=basic)
+    assert mine.status_code == 200 and [lora["name"] for lora in mine.json()] == ["acme"]
+    assert [lora["name"] for lora in get(server, "/sdapi/v1/loras", "root").json()] == ["acme", "globex"]
 
 
 # ---- uploads, deletes, training -------------------------------------------------------------------
