@@ -16,26 +16,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from app.config import Settings, load_settings
-from app.serve.board import Board
-from app.serve.replica import GenerationReplica, board_name
+from app.serve.board_actor import get_board
+from app.serve.replica import GenerationReplica
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "brand-images"
-BOARD_NAMESPACE = "brand-image-service"
-
-
-def get_board(app_name: str = APP_NAME):
-    """The board actor of `app_name`, created on first use (detached: it outlives a restarted ingress)."""
-    return BoardActor.options(
-        name=board_name(app_name), namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_concurrency=1000,
-    ).remote()  # fmt: skip
-
-
-@ray.remote(num_cpus=0)
-class BoardActor(Board):
-    pass
 
 
 @serve.ingress()
@@ -72,9 +58,7 @@ def replica_options(settings: Settings) -> dict:
             "num_gpus": settings.ray_replica_gpus,
             "runtime_env": {"env_vars": env} if env else {},
         },
-        "request_router_config": RequestRouterConfig(
-            request_router_class="app.serve.router:LoraAffinityRouter"
-        ),
+        "request_router_config": RequestRouterConfig(request_router_class="app.serve.router:LoraAffinityRouter"),
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
     }

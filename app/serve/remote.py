@@ -307,9 +307,7 @@ class MergedCacheStats(CacheStats):
             misses=misses,
             evictions=sum(s["evictions"] for s in per_replica.values()),
             hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-            replicas={
-                rid: {k: v for k, v in s.items() if k in CACHE_FIELDS} for rid, s in sorted(per_replica.items())
-            },
+            replicas={rid: {k: v for k, v in s.items() if k in CACHE_FIELDS} for rid, s in sorted(per_replica.items())},
         )
 
 

@@ -18,14 +18,11 @@ from app.config import Settings
 from app.jobs import GenerationSpec, LoraSpec
 from app.observability import ServiceMetrics, configure_logging
 from app.serve.board import POLL_S
+from app.serve.board_actor import get_board
 from app.serve.routing import base_key
 from app.state import AppState
 
 logger = logging.getLogger(__name__)
-
-
-def board_name(app_name: str) -> str:
-    return f"brand-image-board-{app_name}"
 
 
 class HeldSet:
@@ -139,8 +136,6 @@ class GenerationReplica:
         while True:
             try:
                 if self._board is None:
-                    from app.serve.deployment import get_board
-
                     self._board = get_board(self._app_name)
                     after = ray.get(self._board.register.remote(self.replica_id, self._info()))
                 commands = ray.get(self._board.next_commands.remote(self.replica_id, after, POLL_S), timeout=POLL_S * 3)
