@@ -99,8 +99,12 @@ class Settings(BaseSettings):
     ray_routing: Literal["affinity", "random"] = Field(
         "affinity", description="affinity = a LoRA set goes to the replica that holds it; random = Ray's default"
     )
-    ray_hot_share: float = Field(
-        0.3, gt=0, le=1, description="a LoRA set above this share of recent requests is served by several replicas"
+    ray_hot_margin: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="a LoRA set gets copies on more replicas when its share of recent requests is above "
+        "(1 + this) / RAY_REPLICAS, more than one replica can carry (and until it falls to 1 / RAY_REPLICAS)",
     )
     ray_hot_window: int = Field(200, ge=10, le=100_000, description="recent requests the hot-set share is taken over")
     ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")

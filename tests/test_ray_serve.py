@@ -47,7 +47,7 @@ def lora_dir(tmp_path_factory, make_brand):
 def settings(model_cache_dir, lora_dir, tmp_path_factory):
     return test_settings(
         model_cache_dir, lora_dir, lora_cache_max_size=CACHE, torch_threads=1, data_dir=tmp_path_factory.mktemp("data"),
-        ray_replicas=2, ray_replica_cpus=1, ray_hot_share=0.6, ray_hot_window=20, request_timeout_s=60,
+        ray_replicas=2, ray_replica_cpus=1, ray_hot_window=20, request_timeout_s=60,
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The generation replica: one engine, its LoRA manager and its queue, loaded by app/state.py's
 `AppState.load` exactly as the single-process service loads them, and `GenerationService.generate`
-as the one request path. What crosses the process boundary: the spec and LoRA specs in, the PNG
-bytes, applied LoRAs, warnings and timings out (never tensors), or the error's HTTP answer.
+as the one request path. What crosses the process boundary: the spec and LoRA specs in; out, the
+`GenerationOutcome` itself (`to_wire()`: every field, the image as its PNG; never tensors), or the
+error's HTTP answer.
 """
 
 from __future__ import annotations
@@ -68,19 +69,7 @@ class GenerationReplica:
             if answer is None:
                 raise
             return {"error": vars(answer), "replica": self.replica_id}
-        return {
-            "png": outcome.png,
-            "seed": outcome.seed,
-            "width": outcome.width,
-            "height": outcome.height,
-            "loras": [vars(a) for a in outcome.loras],
-            "warnings": outcome.warnings,
-            "queue_ms": outcome.queue_ms,
-            "lora_ms": outcome.lora_ms,
-            "generation_ms": outcome.generation_ms,
-            "replica": self.replica_id,
-            "set_key": base_key(model_id),
-        }
+        return {"outcome": outcome.to_wire(), "replica": self.replica_id, "set_key": base_key(model_id)}
 
     async def load_adapter_check(self, path: str) -> None:
         """The engine's real loader on a file (LoRA uploads are checked by a replica: the ingress has no model)."""
