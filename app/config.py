@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     ray_hot_window: int = Field(200, ge=10, le=100_000, description="recent requests the hot-set share is taken over")
     ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")
     ray_address: str = Field("", description="Ray cluster address for brand-image-serve; empty = start a local one")
+    ray_bind_host: str = Field(
+        "127.0.0.1",
+        description="where the local Ray instance that brand-image-serve starts listens (GCS, raylet, workers, "
+        "agents); 127.0.0.1 = this machine only. Another address: this machine's IP that other Ray nodes reach "
+        "(Ray 2.60 then listens on all interfaces: fence it). Unused with RAY_ADDRESS",
+    )
 
     # Auth: with no keys set everything is open (start-up logs a warning).
     api_key: SecretStr | None = Field(None, description="Bearer key for every endpoint but /health and /ready")

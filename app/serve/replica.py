@@ -20,6 +20,7 @@ from app.jobs import GenerationSpec, LoraSpec
 from app.observability import ServiceMetrics, configure_logging
 from app.serve.board import POLL_S
 from app.serve.board_actor import get_board
+from app.serve.loopback import keep_serve_grpc_on_loopback
 from app.serve.routing import base_key
 from app.state import AppState
 
@@ -37,6 +38,7 @@ class HeldSet:
 class GenerationReplica:
     def __init__(self, settings: Settings, app_name: str):
         configure_logging(settings.log_level, settings.log_format)
+        keep_serve_grpc_on_loopback()
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.state = AppState.for_settings(settings)
