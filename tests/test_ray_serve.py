@@ -122,6 +122,16 @@ def test_ready_info_and_images_equal_the_single_process_service(cluster, make_cl
         assert (pixels(base64.b64decode(remote["image"])) == pixels(base64.b64decode(here["image"]))).all()
 
 
+def test_replicas_run_torch_threads_threads(settings):
+    """TORCH_THREADS reaches each replica: its OpenMP threads (OMP_NUM_THREADS, which Ray would otherwise
+    set to the replica's CPUs) and torch's (the engine calls torch.set_num_threads with it)."""
+    from app.serve.deployment import replica_options
+
+    three = replica_options(settings.model_copy(update={"torch_threads": 3, "ray_replica_cpus": 1}))
+    assert three["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "3"}}
+    assert replica_options(settings.model_copy(update={"torch_threads": 0}))["ray_actor_options"]["runtime_env"] == {}
+
+
 def test_errors_keep_their_answers(cluster):
     strict = generate(cluster, "no-such-brand", strict=True)
     assert strict.status_code == 422 and strict.json()["detail"][0]["loc"] == ["body", "brand_id"]
