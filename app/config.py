@@ -117,12 +117,22 @@ class Settings(BaseSettings):
     ray_routing: Literal["affinity", "random"] = Field(
         "affinity", description="affinity = a LoRA set goes to the replica that holds it; random = Ray's default"
     )
-    ray_hot_share: float = Field(
-        0.3, gt=0, le=1, description="a LoRA set above this share of recent requests is served by several replicas"
+    ray_hot_margin: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="a LoRA set gets copies on more replicas when its share of recent requests is above "
+        "(1 + this) / RAY_REPLICAS, more than one replica can carry (and until it falls to 1 / RAY_REPLICAS)",
     )
     ray_hot_window: int = Field(200, ge=10, le=100_000, description="recent requests the hot-set share is taken over")
     ray_retries: int = Field(1, ge=0, le=5, description="retries on another replica when a replica dies mid-request")
     ray_address: str = Field("", description="Ray cluster address for brand-image-serve; empty = start a local one")
+    ray_bind_host: str = Field(
+        "127.0.0.1",
+        description="where the local Ray instance that brand-image-serve starts listens (GCS, raylet, workers, "
+        "agents); 127.0.0.1 = this machine only. Another address: this machine's IP that other Ray nodes reach "
+        "(Ray 2.60 then listens on all interfaces: fence it). Unused with RAY_ADDRESS",
+    )
 
     # Auth: with no keys set everything is open (start-up logs a warning). See docs/tenants.md.
     api_keys_file: Path | None = Field(

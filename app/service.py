@@ -12,7 +12,7 @@ import io
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
@@ -55,6 +55,21 @@ class GenerationOutcome:
     def timings(self) -> dict[str, float]:
         """The timings as reported: milliseconds, two decimals (the one place they are rounded)."""
         return {name: round_ms(getattr(self, name)) for name in ("queue_ms", "lora_ms", "generation_ms", "total_ms")}
+
+    def to_wire(self) -> dict:
+        """Every field as plain data (the image travels as its PNG, the LoRAs as dicts): what a Ray
+        replica sends back (app/serve/replica.py), and what a store may keep. It walks the dataclass's
+        fields, so a field added here crosses too; `from_wire` is its inverse."""
+        wire = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        wire["loras"] = [asdict(applied) for applied in self.loras]
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict, **extra):
+        """The outcome `to_wire` wrote, its image decoded from the PNG; `extra`: the fields of a subclass
+        that were not on the wire. A field missing from the wire, or unknown here, is a TypeError."""
+        data = {**wire, **extra, "loras": [AppliedLora(**applied) for applied in wire["loras"]]}
+        return cls(image=decode_png(wire["png"]), **data)
 
 
 class GenerationService:
@@ -251,6 +266,15 @@ def loras_outside_the_prompt(prompt: str, applied: list[AppliedLora]) -> list[Ap
                 left.remove(lora)
                 break
     return left
+
+
+def decode_png(png: bytes):
+    """The PIL image of PNG bytes, read in full (the bytes may be dropped afterwards)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
 
 
 def encode_png(image, infotext: str | None = None) -> bytes:

@@ -3,18 +3,21 @@
     python -m bench.routing_sim                                   # 200 brands, Zipf 1.0, cache 5, R = 1..16
     python -m bench.routing_sim --brands 1000 --cache 20 --replicas 1,2,4,8,16,32 --zipf-s 0.8
     python -m bench.routing_sim --gen-ms 1900 --load-ms 150 --switch-ms 25   # your GPU's numbers
+    python -m bench.routing_sim --stream round-robin --brands 4 --cache 2 --replicas 2 --requests 400
+                                                                  # a working set that fits: 0 misses after round 1
 
-N brands with Zipf popularity, R replicas with a LoRA cache of C adapters each, a saturated stream
-of requests. Each replica works through its requests one at a time; a request costs `gen_ms`, plus
-`load_ms` on a cache miss (reading the file), plus `switch_ms` when its LoRA set differs from the
-replica's previous one (merging the set into the weights). Defaults: the CPU numbers of
-BENCHMARKS.md (tiny model, 64x64, 4 steps: base p50 285.8 ms, cold load rank 8 13.87 ms, switch
-with a few resident 3.72 ms). Policies:
+N brands with Zipf popularity (or `--stream round-robin`: the N brands in turn), R replicas with a
+LoRA cache of C adapters each, a saturated stream of requests. Each replica works through its
+requests one at a time; a request costs `gen_ms`, plus `load_ms` on a cache miss (reading the
+file), plus `switch_ms` when its LoRA set differs from the replica's previous one (merging the set
+into the weights). Defaults: the CPU numbers of BENCHMARKS.md (tiny model, 64x64, 4 steps: base
+p50 285.8 ms, cold load rank 8 13.87 ms, switch with a few resident 3.72 ms). Policies:
 
 - affinity: this service's Ray routing (app/serve/routing.py `AffinityPlanner` + the router): a set
-  goes to the replica that holds it; a new set to the slot with the least recent traffic; a set above
-  `--hot-share` of recent traffic gets copies on more replicas. When the chosen replica is busy
-  (more than `--spill` requests behind the least busy one) the request spills to the least busy one.
+  goes to the replica that holds it; a new set to the slot with the least recent traffic; a set that
+  one replica cannot carry (share above (1 + `--hot-margin`) / R) gets copies on more replicas. When
+  the chosen replica is busy (more than `--spill` requests behind the least busy one) the request
+  spills to the least busy one.
 - random: any replica (Ray's default without multiplexing; a plain load balancer).
 - one-big-cache: one cache of R x C shared by R workers (the upper bound: what a shared cache or a
   perfectly partitioned one gives; throughput assumes perfect load balance).
@@ -46,6 +49,7 @@ class Row:
     throughput: float  # images per second, all replicas
     imbalance: float  # busiest replica's work / mean
     held_hot: int  # replicas holding the most popular brand at the end
+    misses_after_first_round: int  # misses after the first `--brands` requests (a working set that fits: 0)
 
 
 class Replica:
@@ -69,7 +73,9 @@ class Replica:
         return hit, switched
 
 
-def zipf_stream(args, rng: random.Random) -> list[str]:
+def request_stream(args, rng: random.Random) -> list[str]:
+    if args.stream == "round-robin":
+        return [f"brand-{i % args.brands}" for i in range(args.requests)]
     weights = [1 / (i + 1) ** args.zipf_s for i in range(args.brands)]
     return rng.choices([f"brand-{i}" for i in range(args.brands)], weights=weights, k=args.requests)
 
@@ -80,9 +86,9 @@ def simulate(policy: str, replicas: int, stream: list[str], args) -> Row:
         pool = [Replica(args.cache * replicas)]
     else:
         pool = [Replica(args.cache) for _ in range(replicas)]
-    planner = AffinityPlanner(replicas, args.hot_share, args.window)
-    hits = switches = 0
-    for key in stream:
+    planner = AffinityPlanner(replicas, args.window, args.hot_margin)
+    hits = switches = late_misses = 0
+    for i, key in enumerate(stream):
         if policy == "one-big-cache":
             chosen = pool[0]
         elif policy == "random":
@@ -98,6 +104,7 @@ def simulate(policy: str, replicas: int, stream: list[str], args) -> Row:
         hit, switched = chosen.serve(key, args)
         hits += hit
         switches += switched
+        late_misses += not hit and i >= args.brands
     if policy == "one-big-cache":
         total = pool[0].busy_ms / replicas  # perfect balance over R workers
         imbalance = 1.0
@@ -108,12 +115,14 @@ def simulate(policy: str, replicas: int, stream: list[str], args) -> Row:
         imbalance = total / mean if mean else 1.0
         held_hot = sum(1 for r in pool if any(k.split("#")[0] == "brand-0" for k in r.cache))
     n = len(stream)
-    return Row(policy, replicas, hits / n, switches / n, n / (total / 1000) if total else 0.0, imbalance, held_hot)
+    throughput = n / (total / 1000) if total else 0.0
+    return Row(policy, replicas, hits / n, switches / n, throughput, imbalance, held_hot, late_misses)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.routing_sim", description=__doc__.split("\n\n")[0])
     p.add_argument("--brands", type=int, default=200, help="N brands (one LoRA each)")
+    p.add_argument("--stream", choices=("zipf", "round-robin"), default="zipf", help="brand popularity")
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of brand popularity")
     p.add_argument("--replicas", default="1,2,4,8,16", help="R values, comma-separated")
     p.add_argument("--cache", type=int, default=5, help="C: adapters per replica (LORA_CACHE_MAX_SIZE)")
@@ -121,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-ms", type=float, default=285.8, help="one generation (BENCHMARKS.md CPU base p50)")
     p.add_argument("--load-ms", type=float, default=13.87, help="cold LoRA load (BENCHMARKS.md, rank 8)")
     p.add_argument("--switch-ms", type=float, default=3.72, help="merging another set (BENCHMARKS.md zipf row)")
-    p.add_argument("--hot-share", type=float, default=0.3, help="RAY_HOT_SHARE")
+    p.add_argument("--hot-margin", type=float, default=0.25, help="RAY_HOT_MARGIN")
     p.add_argument("--window", type=int, default=200, help="RAY_HOT_WINDOW")
     p.add_argument("--spill", type=float, default=4.0, help="generations of backlog before a request spills")
     p.add_argument("--seed", type=int, default=0)
@@ -132,17 +141,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stream = zipf_stream(args, random.Random(args.seed))
+    stream = request_stream(args, random.Random(args.seed))
     rows = [simulate(policy, r, stream, args) for r in map(int, args.replicas.split(",")) for policy in POLICIES]
     top_share = stream.count("brand-0") / len(stream)
-    print(f"{args.brands} brands, Zipf {args.zipf_s} (top brand {top_share:.1%} of traffic), cache {args.cache} "
+    popularity = "round robin" if args.stream == "round-robin" else f"Zipf {args.zipf_s}"
+    print(f"{args.brands} brands, {popularity} (top brand {top_share:.1%} of traffic), cache {args.cache} "
           f"per replica, {args.requests} requests; gen {args.gen_ms} ms, load {args.load_ms} ms, "
           f"switch {args.switch_ms} ms")  # fmt: skip
-    print("| R | policy | hit rate | switches/req | img/s | img/s per replica | imbalance | replicas holding top |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| R | policy | hit rate | switches/req | img/s | img/s per replica | imbalance | replicas holding top "
+          "| misses after round 1 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.replicas} | {row.policy} | {row.hit_rate:.3f} | {row.switch_rate:.3f} | {row.throughput:.2f} | "
-              f"{row.throughput / row.replicas:.3f} | {row.imbalance:.2f} | {row.held_hot} |")  # fmt: skip
+              f"{row.throughput / row.replicas:.3f} | {row.imbalance:.2f} | {row.held_hot} "
+              f"| {row.misses_after_first_round} |")  # fmt: skip
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"{args.name}.json"
     out.write_text(json.dumps({"args": vars(args), "rows": [asdict(r) for r in rows]}, indent=2))

@@ -67,7 +67,10 @@ def test_imports_go_down_the_layers(module):
 
 
 def test_no_import_cycles():
-    graph = {m: {i for i in imports(p, top_level_only=True) if i in MODULES and i != m} for m, p in MODULES.items()}
+    """Imports inside functions count too: a lazy import that closes a circle (app/serve/ had one)
+    still ties the two modules together, it only hides the circle from the interpreter."""
+    graph = {m: {i for i in imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+    assert "app.serve.replica" in graph and "app.serve.deployment" in graph  # app/serve/ is checked too
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(module: str, path: list[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import random
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from app.api.schemas import GenerateResponse  # noqa: E402
 from app.lora.cache import LoraCache  # noqa: E402
 from tests.conftest import pixels, small_request, test_settings  # noqa: E402
 
@@ -47,7 +47,7 @@ def lora_dir(tmp_path_factory, make_brand):
 def settings(model_cache_dir, lora_dir, tmp_path_factory):
     return test_settings(
         model_cache_dir, lora_dir, lora_cache_max_size=CACHE, torch_threads=1, data_dir=tmp_path_factory.mktemp("data"),
-        ray_replicas=2, ray_replica_cpus=1, ray_hot_share=0.6, ray_hot_window=20, request_timeout_s=60,
+        ray_replicas=2, ray_replica_cpus=1, ray_hot_window=20, request_timeout_s=60,
     )  # fmt: skip
 
 
@@ -70,6 +70,28 @@ def cluster(settings):
     client.close()
     serve.shutdown()
     ray.shutdown()
+
+
+LONG_STEPS = 50  # a generation of many steps: a request that is still running when the kill lands
+
+
+def replica_queue_depths(client) -> dict[str, float]:
+    """Each replica's generation_queue_depth (running + waiting), from /metrics (labelled by replica)."""
+    depths = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('generation_queue_depth{replica="'):
+            labels, value = line.rsplit(" ", 1)
+            depths[labels.split('"')[1]] = float(value)
+    return depths
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120):
+    """Poll `predicate` until it returns something truthy; the deadline only guards against a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
 
 
 def generate(client, brand: str | None = None, seed: int = 7, **fields):
@@ -98,6 +120,16 @@ def test_ready_info_and_images_equal_the_single_process_service(cluster, make_cl
         assert remote["loras"] == here["loras"] and remote["warnings"] == here["warnings"]
         assert base64.b64decode(remote["image"]) == base64.b64decode(here["image"])  # byte-identical PNG
         assert (pixels(base64.b64decode(remote["image"])) == pixels(base64.b64decode(here["image"]))).all()
+
+
+def test_replicas_run_torch_threads_threads(settings):
+    """TORCH_THREADS reaches each replica: its OpenMP threads (OMP_NUM_THREADS, which Ray would otherwise
+    set to the replica's CPUs) and torch's (the engine calls torch.set_num_threads with it)."""
+    from app.serve.deployment import replica_options
+
+    three = replica_options(settings.model_copy(update={"torch_threads": 3, "ray_replica_cpus": 1}))
+    assert three["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "3"}}
+    assert replica_options(settings.model_copy(update={"torch_threads": 0}))["ray_actor_options"]["runtime_env"] == {}
 
 
 def test_errors_keep_their_answers(cluster):
@@ -187,29 +219,66 @@ def test_hot_brand_is_spread_over_both_replicas(cluster):
     assert len(holders) == 2, after  # a hot set is held by more than one replica
 
 
+def total_queue_depth(client) -> float:
+    """generation_queue_depth from /metrics: the one sample in-process, the sum of the replicas' under Ray."""
+    lines = client.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("generation_queue_depth"))
+
+
+def test_every_field_of_a_reply_equals_the_single_process_reply_batched_too(cluster, make_client, lora_dir):
+    """Three requests of one set: a long one, then two that wait behind it and share one denoising loop
+    (batch_size 2). Ray's replies and the single process's have the same fields and values (timings:
+    the same names): what crosses from a replica is the outcome itself (GenerationOutcome.to_wire)."""
+
+    def three_requests(client) -> list[dict]:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(generate, client, "brand-05", seed=21, num_inference_steps=LONG_STEPS)
+            wait_for(lambda: total_queue_depth(client) >= 1, "the long request to be accepted")
+            pair = [pool.submit(generate, client, "brand-05", seed=seed) for seed in (22, 23)]
+            wait_for(lambda: total_queue_depth(client) >= 3, "the pair to wait behind it")
+            replies = [f.result(timeout=120) for f in (first, *pair)]
+        assert [r.status_code for r in replies] == [200, 200, 200], [r.text for r in replies]
+        return [r.json() for r in replies]
+
+    from_ray = three_requests(cluster)
+    with make_client(lora_dir, lora_cache_max_size=CACHE) as local:
+        from_one_process = three_requests(local)
+    assert [r["batch_size"] for r in from_ray] == [1, 2, 2]
+    for remote, here in zip(from_ray, from_one_process, strict=True):
+        assert set(remote) == set(here) == set(GenerateResponse.model_fields)
+        assert set(remote["timings"]) == set(here["timings"])
+        assert {k: v for k, v in remote.items() if k != "timings"} == {k: v for k, v in here.items() if k != "timings"}
+
+
 def test_a_replica_killed_mid_run_retries_or_fails_clearly_and_nothing_hangs(cluster):
     from ray.util import list_named_actors
 
-    names = [a["name"] for a in list_named_actors(all_namespaces=True) if "GenerationReplica" in a["name"]]
-    assert len(names) == 2, names
-    victim = ray.get_actor(names[0], namespace="serve")
-    statuses: list[int] = []
+    actors = {a["name"].rsplit("#", 1)[1]: a["name"] for a in list_named_actors(all_namespaces=True)
+              if "GenerationReplica" in a["name"]}  # fmt: skip
+    assert len(actors) == 2, actors
 
     def one(i: int) -> int:
-        return generate(cluster, BRANDS[i % 4], seed=i).status_code
+        return generate(cluster, BRANDS[i % 4], seed=i, num_inference_steps=LONG_STEPS).status_code
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(one, i) for i in range(20)]
-        threading.Timer(0.8, lambda: ray.kill(victim, no_restart=True)).start()
-        statuses = [f.result(timeout=120) for f in futures]  # nothing hangs
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        # Kill a replica once it holds at least two of them (one running, one waiting behind it): the
+        # waiting one has a whole long generation ahead, so requests are surely in flight on it.
+        busy = wait_for(lambda: [r for r, depth in replica_queue_depths(cluster).items() if depth >= 2 and r in actors],
+                        "a replica with two requests")  # fmt: skip
+        victim = ray.get_actor(actors[busy[0]], namespace="serve")
+        ray.kill(victim, no_restart=True)
+        killed_while_busy = not all(f.done() for f in futures)
+        statuses = [f.result(timeout=180) for f in futures]  # nothing hangs
     elapsed = time.perf_counter() - started
     print(f"\nstatuses with a replica killed mid-run: {statuses} ({elapsed:.1f} s)")
-    assert set(statuses) <= {200, 503}, statuses
+    assert killed_while_busy
+    assert set(statuses) <= {200, 503}, statuses  # retried on the survivor, or a clear 503; never a 500
     assert statuses.count(200) >= len(statuses) // 2
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(victim.__ray_ready__.remote(), timeout=30)  # it really died while requests were running
-    # The survivor keeps serving, and a failure is a clear 503 (never a 500 or a hang).
+        ray.get(victim.__ray_ready__.remote(), timeout=30)
+    # The survivor keeps serving.
     assert generate(cluster, "brand-00", seed=99).status_code == 200
 
 

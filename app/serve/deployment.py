@@ -10,32 +10,23 @@ The A/B store (SQLite) stays in the one ingress (num_replicas=1): its only write
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from app.config import Settings, load_settings
-from app.serve.board import Board
-from app.serve.replica import GenerationReplica, board_name
+from app.observability import configure_logging
+from app.serve.board_actor import get_board
+from app.serve.loopback import LOOPBACK, keep_serve_grpc_on_loopback
+from app.serve.replica import GenerationReplica
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "brand-images"
-BOARD_NAMESPACE = "brand-image-service"
-
-
-def get_board(app_name: str = APP_NAME):
-    """The board actor of `app_name`, created on first use (detached: it outlives a restarted ingress)."""
-    return BoardActor.options(
-        name=board_name(app_name), namespace=BOARD_NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_concurrency=1000,
-    ).remote()  # fmt: skip
-
-
-@ray.remote(num_cpus=0)
-class BoardActor(Board):
-    pass
 
 
 @serve.ingress()
@@ -46,6 +37,7 @@ class Ingress:
         from app.main import create_app
         from app.serve.remote import RemoteAppState, ReplicaMetricsCollector
 
+        keep_serve_grpc_on_loopback()
         board = get_board(app_name)
         state = RemoteAppState.for_replicas(settings, board, replicas)
         self._app = create_app(settings, state)
@@ -72,9 +64,7 @@ def replica_options(settings: Settings) -> dict:
             "num_gpus": settings.ray_replica_gpus,
             "runtime_env": {"env_vars": env} if env else {},
         },
-        "request_router_config": RequestRouterConfig(
-            request_router_class="app.serve.router:LoraAffinityRouter"
-        ),
+        "request_router_config": RequestRouterConfig(request_router_class="app.serve.router:LoraAffinityRouter"),
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
     }
@@ -89,20 +79,48 @@ def build_app(settings: Settings | None = None, app_name: str = APP_NAME):
     return ingress.bind(replica.bind(settings, app_name), settings, app_name)
 
 
-def main() -> None:
-    """Console entry (`brand-image-serve`): Ray (local, or RAY_ADDRESS), Serve on HOST:PORT, the app."""
-    import time
+def start_local_ray(settings: Settings) -> None:
+    """A local Ray instance for this machine alone, unless RAY_BIND_HOST says otherwise.
 
+    No dashboard (it accepts job submissions, i.e. code). On Linux `ray.init` turns 127.0.0.1 into the
+    machine's outward IP and its servers listen on every interface; in its single-machine mode (the
+    default on macOS and Windows, switched on by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) the node's
+    address is the loopback one, and GCS, raylet, workers and agents listen on 127.0.0.1 only. The
+    variable is set in the environment too, so the processes Ray starts see the same mode.
+    """
+    options: dict = {"include_dashboard": False}
+    if settings.ray_bind_host in LOOPBACK:
+        import ray._private.ray_constants as ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    else:
+        options["_node_ip_address"] = settings.ray_bind_host
+    ray.init(**options)
+
+
+def main() -> None:
+    """Console entry (`brand-image-serve`): Ray (local, or RAY_ADDRESS), Serve on HOST:PORT, the app.
+
+    SIGTERM or Ctrl-C: the application is deleted (each replica finishes its accepted requests, up to
+    SHUTDOWN_GRACE_S), the local Ray instance stops, and the process exits 0."""
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
     if settings.ray_address:
         ray.init(address=settings.ray_address)
     else:
-        ray.init()
+        start_local_ray(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a handler that dumps the stack
+        signal.signal(signum, lambda *_: stop.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     logger.warning("serving on http://%s:%d with %d replicas", settings.host, settings.port, settings.ray_replicas)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    stop.wait()
+    logger.warning("stopping: the replicas finish their accepted requests (up to %.0f s)", settings.shutdown_grace_s)
+    # Only this application: on a shared cluster (RAY_ADDRESS) Serve and other applications stay up; a
+    # local instance goes with ray.shutdown. (serve.shutdown would also work here, but it has the
+    # controller kill itself under its own pending call, which Ray reports as a failed task.)
+    serve.delete(APP_NAME)
+    ray.shutdown()
+    logger.warning("stopped")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from app.config import Settings
 from app.errors import AnsweredError, ClientGone, JobCanceled, QueueFull, QueueTimeout, ServiceUnavailable
-from app.jobs import AppliedLora, GenerationSpec, LoraSpec, StepControl
+from app.jobs import GenerationSpec, LoraSpec, StepControl
 from app.lora.cache import CacheStats
 from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
@@ -78,6 +77,8 @@ class RemoteAcquired:
 
 @dataclass
 class RemoteOutcome(GenerationOutcome):
+    """The replica's outcome (`GenerationOutcome.to_wire` / `from_wire`: every field crosses) and where it ran."""
+
     replica: str = ""
     routing_key: str = ""
 
@@ -87,7 +88,7 @@ class RemoteGenerationService(GenerationService):
         super().__init__(settings, loras=None, queue=RemoteQueue(), metrics=metrics)
         self.registry = registry
         self.handle = handle
-        self.planner = AffinityPlanner(settings.ray_replicas, settings.ray_hot_share, settings.ray_hot_window)
+        self.planner = AffinityPlanner(settings.ray_replicas, settings.ray_hot_window, settings.ray_hot_margin)
 
     def routing_key(self, loras: Sequence[LoraSpec]) -> tuple[str, int | None]:
         if self.settings.ray_routing != "affinity":
@@ -124,30 +125,13 @@ class RemoteGenerationService(GenerationService):
                     ) from None
         if "error" in reply:
             raise AnsweredError(**reply["error"])
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(reply["png"]))
-        image.load()
-        applied = [AppliedLora(**a) for a in reply["loras"]]
+        outcome = RemoteOutcome.from_wire(reply["outcome"], replica=reply["replica"], routing_key=key)
+        outcome.total_ms = (time.perf_counter() - start) * 1000  # the ingress's wall time: routing and retries too
         # The cache keys, as the in-process access log names them (`acme`, `globex@v2`).
         brands = [a.brand_id if a.version == DEFAULT_VERSION else f"{a.brand_id}@{a.version}"
-                  for a in applied if a.weight != 0.0]  # fmt: skip
-        record_image(brands, reply["queue_ms"], reply["lora_ms"], reply["generation_ms"])
-        return RemoteOutcome(
-            image=image,
-            png=reply["png"],
-            seed=reply["seed"],
-            width=reply["width"],
-            height=reply["height"],
-            loras=applied,
-            warnings=reply["warnings"],
-            queue_ms=reply["queue_ms"],
-            lora_ms=reply["lora_ms"],
-            generation_ms=reply["generation_ms"],
-            total_ms=(time.perf_counter() - start) * 1000,
-            replica=reply["replica"],
-            routing_key=key,
-        )
+                  for a in outcome.loras if a.weight != 0.0]  # fmt: skip
+        record_image(brands, outcome.queue_ms, outcome.lora_ms, outcome.generation_ms)
+        return outcome
 
     async def _call(
         self, key: str, slot: int | None, spec, loras, strict, disconnected: Disconnected, control=None
@@ -321,9 +305,7 @@ class MergedCacheStats(CacheStats):
             misses=misses,
             evictions=sum(s["evictions"] for s in per_replica.values()),
             hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-            replicas={
-                rid: {k: v for k, v in s.items() if k in CACHE_FIELDS} for rid, s in sorted(per_replica.items())
-            },
+            replicas={rid: {k: v for k, v in s.items() if k in CACHE_FIELDS} for rid, s in sorted(per_replica.items())},
         )
 
 

@@ -1,7 +1,8 @@
 """The generation replica: one engine, its LoRA manager and its queue, loaded by app/state.py's
 `AppState.load` exactly as the single-process service loads them, and `GenerationService.generate`
-as the one request path. What crosses the process boundary: the spec and LoRA specs in, the PNG
-bytes, applied LoRAs, warnings and timings out (never tensors), or the error's HTTP answer.
+as the one request path. What crosses the process boundary: the spec and LoRA specs in; out, the
+`GenerationOutcome` itself (`to_wire()`: every field, the image as its PNG; never tensors), or the
+error's HTTP answer.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from app.config import Settings
 from app.jobs import GenerationSpec, LoraSpec, StepControl
 from app.observability import ServiceMetrics, configure_logging
 from app.serve.board import POLL_S
+from app.serve.board_actor import get_board
+from app.serve.loopback import keep_serve_grpc_on_loopback
 from app.serve.routing import base_key
 from app.state import AppState
 
 logger = logging.getLogger(__name__)
-
-
-def board_name(app_name: str) -> str:
-    return f"brand-image-board-{app_name}"
 
 
 class HeldSet:
@@ -40,6 +39,7 @@ class HeldSet:
 class GenerationReplica:
     def __init__(self, settings: Settings, app_name: str):
         configure_logging(settings.log_level, settings.log_format)
+        keep_serve_grpc_on_loopback()
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.state = AppState.for_settings(settings)
@@ -76,19 +76,7 @@ class GenerationReplica:
             if answer is None:
                 raise
             return {"error": vars(answer), "replica": self.replica_id}
-        return {
-            "png": outcome.png,
-            "seed": outcome.seed,
-            "width": outcome.width,
-            "height": outcome.height,
-            "loras": [vars(a) for a in outcome.loras],
-            "warnings": outcome.warnings,
-            "queue_ms": outcome.queue_ms,
-            "lora_ms": outcome.lora_ms,
-            "generation_ms": outcome.generation_ms,
-            "replica": self.replica_id,
-            "set_key": base_key(model_id),
-        }
+        return {"outcome": outcome.to_wire(), "replica": self.replica_id, "set_key": base_key(model_id)}
 
     async def load_adapter_check(self, path: str) -> None:
         """The engine's real loader on a file (LoRA uploads are checked by a replica: the ingress has no model)."""
@@ -144,8 +132,6 @@ class GenerationReplica:
         while True:
             try:
                 if self._board is None:
-                    from app.serve.deployment import get_board
-
                     self._board = get_board(self._app_name)
                     after = ray.get(self._board.register.remote(self.replica_id, self._info()))
                 commands = ray.get(self._board.next_commands.remote(self.replica_id, after, POLL_S), timeout=POLL_S * 3)
