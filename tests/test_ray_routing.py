@@ -183,7 +183,7 @@ def test_an_outcome_crosses_the_wire_with_every_field():
     outcome = GenerationOutcome(
         image=image, png=png, seed=1234, width=8, height=8,
         loras=[AppliedLora("acme", "v2", 0.7, "style", "acme/v2/style.safetensors", "ab" * 32)],
-        warnings=["a warning"], queue_ms=1.5, lora_ms=2.5, generation_ms=3.5, total_ms=9.0, batch_size=3,
+        warnings=["a warning"], queue_ms=1.5, lora_ms=2.5, generation_ms=3.5, total_ms=9.0, batch_size=3, stopped_at=3,
     )  # fmt: skip
     defaults = {f.name: f.default for f in dataclasses.fields(GenerationOutcome)}
     assert all(getattr(outcome, name) != default for name, default in defaults.items())  # every field set
