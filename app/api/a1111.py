@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app import infotext
 from app.api.schemas import MAX_SEED, GenerateRequest
 from app.editing import png
 from app.errors import InvalidRequest
@@ -310,46 +311,15 @@ def info(body: Txt2ImgRequest, seeds_: list[int], scheduler_display: str, infote
 
 
 def parse_infotext(text: str) -> dict:
-    """A1111's `parse_generation_parameters` for our infotext: Prompt, Negative prompt, then each
-    `Key: value` of the last line (JSON-quoted values unquoted), Size split into Size-1 and Size-2."""
-    lines = text.strip().split("\n")
-    last = lines[-1] if len(lines) > 1 or "Steps: " in lines[0] else ""
-    body = lines[:-1] if last else lines
-    prompt, negative, in_negative = [], [], False
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].strip()
-        (negative if in_negative else prompt).append(line)
-    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _pairs(last):
+    """A1111's `parse_generation_parameters` shape for our infotext, as app/infotext.py reads it: Prompt,
+    Negative prompt, then each `Key: value` of the last line, Size also split into Size-1 and Size-2."""
+    parsed = infotext.parse_infotext(text.strip())
+    result: dict[str, Any] = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt or ""}
+    for key, value in parsed.fields.items():
         if key == "Size" and "x" in value:
             result["Size-1"], result["Size-2"] = value.split("x", 1)
-        result[key] = value
+        result[key] = str(value)
     return result
-
-
-def _pairs(line: str):
-    """`Key: value, Key: "quoted, value"` -> (key, value) pairs."""
-    i = 0
-    while i < len(line):
-        colon = line.find(":", i)
-        if colon < 0:
-            return
-        key = line[i:colon].strip()
-        j = colon + 1
-        while j < len(line) and line[j] == " ":
-            j += 1
-        if j < len(line) and line[j] == '"':
-            decoder = json.JSONDecoder()
-            value, end = decoder.raw_decode(line, j)
-        else:
-            end = line.find(",", j)
-            end = len(line) if end < 0 else end
-            value = line[j:end].strip()
-        yield key, str(value)
-        comma = line.find(",", end)
-        i = len(line) if comma < 0 else comma + 1
 
 
 # ---- /progress and /interrupt ---------------------------------------------------------------------------
