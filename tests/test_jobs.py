@@ -236,6 +236,27 @@ def test_cancelling_one_image_of_a_shared_loop_lets_the_others_come_out(server):
     assert done["progress"] == {"step": 8, "steps": 8}
 
 
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_inpainting_job_gives_the_image_generate_gives_for_the_same_edit(server):
+    """The editing fields travel in the stored spec: a job is /generate's image for an edit too."""
+    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    edit = {"init_image": png_base64(Image.fromarray(gradient)), "mask_image": png_base64(mask), "strength": 0.6,
+            "num_inference_steps": 4, "seed": 5}  # fmt: skip
+    job = submit(server.url, **edit)
+    done = wait_until_ended(server.url, job["id"])
+    assert done["status"] == "succeeded", done
+    plain = httpx.post(f"{server.url}/generate", json=small_request(**edit), timeout=120)
+    assert plain.status_code == 200, plain.text
+    assert done["result"]["image"] == plain.json()["image"]
+
+
 def test_cancelling_an_ended_job_keeps_its_status_and_unknown_jobs_are_404(server):
     job = submit(server.url)
     wait_until_ended(server.url, job["id"])
