@@ -16,7 +16,17 @@ APP = Path(__file__).resolve().parents[1] / "app"
 LAYERS = [
     (
         "values",
-        ["app", "app.config", "app.jobs", "app.errors", "app.samplers", "app.infotext", "app.access", "app.editing"],
+        [
+            "app",
+            "app.config",
+            "app.jobs",
+            "app.errors",
+            "app.samplers",
+            "app.infotext",
+            "app.access",
+            "app.editing",
+            "app.db",
+        ],
     ),
     ("lora files", ["app.lora"]),
     ("engine", ["app.engine"]),

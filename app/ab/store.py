@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.db import immediate_transaction
+
 STORE_FILE = "ab_tests.sqlite3"
 
 SCHEMA = """
@@ -107,7 +109,7 @@ class AbStore:
     # ---- tests ---------------------------------------------------------------------------------
 
     def add_test(self, test: AbTestRecord) -> None:
-        with self._lock, self._transaction():
+        with self._lock, immediate_transaction(self._conn):
             self._conn.execute(
                 "INSERT INTO tests (test_id, created_at, prompt, settings, variants) VALUES (?, ?, ?, ?, ?)",
                 (test.test_id, test.created_at, test.prompt, json.dumps(test.settings), json.dumps(test.variants)),
@@ -132,7 +134,7 @@ class AbStore:
 
     def add_choice(self, test_id: str, variant: int, chosen_by: str | None, reason: str | None) -> AbChoice:
         """Record a preferred variant. Raises UnknownTest or VariantOutOfRange."""
-        with self._lock, self._transaction():
+        with self._lock, immediate_transaction(self._conn):
             row = self._conn.execute("SELECT variants FROM tests WHERE test_id = ?", (test_id,)).fetchone()
             if row is None:
                 raise UnknownTest(test_id)
@@ -197,22 +199,6 @@ class AbStore:
         ).fetchall()
         return [AbChoice(*row) for row in rows]
 
-    def _transaction(self):
-        return _Transaction(self._conn)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
-
-    def __enter__(self):
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
 
 
 def _test(row) -> AbTestRecord:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.db import immediate_transaction
 from app.jobs import GenerationSpec, LoraSpec
 
 STORE_FILE = "jobs.sqlite3"
@@ -161,7 +162,7 @@ class JobStore:
     ) -> JobRecord:
         """Store a new queued job, or raise TooManyPendingJobs beyond `max_pending`."""
         job_id = uuid.uuid4().hex
-        with self._lock, _Transaction(self._conn):
+        with self._lock, immediate_transaction(self._conn):
             pending = self._conn.execute("SELECT count(*) FROM jobs WHERE status IN (?, ?)", PENDING).fetchone()[0]
             if pending >= max_pending:
                 raise TooManyPendingJobs(pending, max_pending)
@@ -335,17 +336,3 @@ def _record(row) -> JobRecord:
         result=json.loads(result) if result else None,
         error=json.loads(error) if error else None,
     )
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
-
-    def __enter__(self):
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
