@@ -5,6 +5,7 @@ Nothing else in the app reads `os.environ`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -206,8 +207,28 @@ class Settings(BaseSettings):
         }
 
 
+# Settings that were replaced: one still set would otherwise be ignored without a word.
+REPLACED_SETTINGS = {
+    "RAY_HOT_SHARE": "RAY_HOT_MARGIN (a LoRA set gets copies on more replicas only above a share of "
+    "(1 + RAY_HOT_MARGIN) / RAY_REPLICAS; docs/scale-out.md)",
+}
+
+
+def replaced_settings_in_use(env_file: str | Path = ".env") -> list[str]:
+    """The replaced settings still set in the environment or the `.env` file."""
+    from dotenv import dotenv_values
+
+    given = set(os.environ) | set(dotenv_values(env_file) if Path(env_file).is_file() else {})
+    return [name for name in REPLACED_SETTINGS if name in given]
+
+
 def load_settings() -> Settings:
     """Read the settings, or stop with a message that names each bad variable (every entry point uses this)."""
+    replaced = replaced_settings_in_use()
+    if replaced:
+        raise SystemExit("Invalid configuration: " + "; ".join(
+            f"{name} was replaced by {REPLACED_SETTINGS[name]}: remove it" for name in replaced
+        ))  # fmt: skip
     try:
         return Settings()
     except ValidationError as exc:

@@ -71,6 +71,19 @@ def test_each_bad_value_is_named(clean_env, variable, value):
     assert f"{variable}=" in str(excinfo.value.code)
 
 
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_a_replaced_setting_stops_the_process_naming_its_replacement(clean_env, tmp_path, where):
+    if where == "environment":
+        clean_env.setenv("RAY_HOT_SHARE", "0.3")
+    else:
+        (tmp_path / ".env").write_text("RAY_HOT_SHARE=0.3\n")  # clean_env runs from tmp_path
+
+    with pytest.raises(SystemExit) as excinfo:
+        load_settings()
+
+    assert "RAY_HOT_SHARE was replaced by RAY_HOT_MARGIN" in str(excinfo.value.code)
+
+
 def test_float16_on_cpu_is_refused_with_both_variables_named(clean_env):
     clean_env.setenv("DEVICE", "cpu")
     clean_env.setenv("DTYPE", "float16")
