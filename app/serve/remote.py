@@ -6,7 +6,10 @@
   through the registry (torch-free), picks the routing key (hot sets get copies), and awaits the
   replica handle with `multiplexed_model_id=<routing key>`; the replica runs the real
   `GenerationService.generate`. A/B tests use `acquire`/`render` as in-process: each variant is a
-  `generate` on the replica that holds its set.
+  `generate` on the replica that holds its set. With a `StepControl` (a job, an A1111 request), the call
+  streams (`generate_stream`): the replica's steps and previews are reported to the control as they
+  come, `cancel()` cancels the Ray request, and `finish_early()` (A1111's interrupt) is sent to the
+  replica as a `finish` command over the board, keyed by the request id the ingress made.
 - `RemoteLoraManager`: cache stats, clear and removals fan out to every replica (app/serve/board.py);
   the totals keep `/lora/cache/stats`' schema, `replicas` adds each replica's own numbers.
 - `ReplicaMetricsCollector`: `/metrics` carries every replica's series with a `replica` label.
