@@ -125,10 +125,23 @@ class ServiceMetrics:
         self.jobs = Counter("jobs", "Jobs that entered each status (POST /jobs)", ["status"], registry=self.registry)
         self.state_collector = _StateCollector(state)
         self.registry.register(self.state_collector)
+        # Jobs live where the HTTP API runs (under Ray Serve, the ingress, whose state collector is replaced).
+        self.registry.register(_JobsCollector(state))
 
 
     def count_job(self, status: str) -> None:
         self.jobs.labels(status=status).inc()
+
+
+class _JobsCollector:
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        if self.state.jobs is not None:
+            pending = GaugeMetricFamily("jobs_pending", "Jobs queued or running (JOBS_MAX_PENDING bounds them)")
+            pending.add_metric([], self.state.jobs.pending())
+            yield pending
 
 
 class _StateCollector:
@@ -142,10 +155,6 @@ class _StateCollector:
         depth = GaugeMetricFamily("generation_queue_depth", "Generations waiting or running")
         depth.add_metric([], state.queue.depth if state.queue is not None else 0)
         yield depth
-        if state.jobs is not None:
-            pending = GaugeMetricFamily("jobs_pending", "Jobs queued or running (JOBS_MAX_PENDING bounds them)")
-            pending.add_metric([], state.jobs.pending())
-            yield pending
         manager = state.loras
         if manager is None:
             return

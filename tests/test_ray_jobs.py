@@ -25,6 +25,13 @@ class PendingResponse:
     def __await__(self):
         return self.canceled.wait().__await__()
 
+    def __aiter__(self):  # a streaming call (`generate_stream`, a job's): no step ever comes either
+        return self
+
+    async def __anext__(self):
+        await self.canceled.wait()
+        raise StopAsyncIteration
+
     def cancel(self):
         self.canceled.set()
 
@@ -32,7 +39,7 @@ class PendingResponse:
 class Handle:
     def __init__(self):
         self.responses: list[PendingResponse] = []
-        self.generate = self
+        self.generate = self.generate_stream = self
 
     def options(self, **_):
         return self

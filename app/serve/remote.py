@@ -6,7 +6,10 @@
   through the registry (torch-free), picks the routing key (hot sets get copies), and awaits the
   replica handle with `multiplexed_model_id=<routing key>`; the replica runs the real
   `GenerationService.generate`. A/B tests use `acquire`/`render` as in-process: each variant is a
-  `generate` on the replica that holds its set.
+  `generate` on the replica that holds its set. With a `StepControl` (a job, an A1111 request), the call
+  streams (`generate_stream`): the replica's steps and previews are reported to the control as they
+  come, `cancel()` cancels the Ray request, and `finish_early()` (A1111's interrupt) is sent to the
+  replica as a `finish` command over the board, keyed by the request id the ingress made.
 - `RemoteLoraManager`: cache stats, clear and removals fan out to every replica (app/serve/board.py);
   the totals keep `/lora/cache/stats`' schema, `replicas` adds each replica's own numbers.
 - `ReplicaMetricsCollector`: `/metrics` carries every replica's series with a `replica` label.
@@ -18,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,10 +88,11 @@ class RemoteOutcome(GenerationOutcome):
 
 
 class RemoteGenerationService(GenerationService):
-    def __init__(self, settings: Settings, registry, handle, metrics=None):
+    def __init__(self, settings: Settings, registry, handle, metrics=None, board=None):
         super().__init__(settings, loras=None, queue=RemoteQueue(), metrics=metrics)
         self.registry = registry
         self.handle = handle
+        self.board = board  # app/serve/board.py's actor: how an interrupt reaches the replica
         self.planner = AffinityPlanner(settings.ray_replicas, settings.ray_hot_window, settings.ray_hot_margin)
 
     def routing_key(self, loras: Sequence[LoraSpec]) -> tuple[str, int | None]:
@@ -103,8 +108,10 @@ class RemoteGenerationService(GenerationService):
         disconnected: Disconnected = None,
         control: StepControl | None = None,
     ) -> RemoteOutcome:
-        """`control` (a job's): started when the request goes to a replica, and its `cancel()` cancels the
-        replica's request (which stops a running loop at its next step). No progress crosses yet."""
+        """`control` (a job's, an AUTOMATIC1111 request's): started when the request goes to a replica; the
+        replica's steps are reported to it as they happen (`_call` streams), its `cancel()` cancels the
+        replica's request (which stops a running loop at its next step), and its `finish_early()` reaches the
+        replica, which stops at its next step and answers with the image reached."""
         start = time.perf_counter()
         key, slot = self.routing_key(loras)
         attempts = self.settings.ray_retries + 1
@@ -136,13 +143,24 @@ class RemoteGenerationService(GenerationService):
     async def _call(
         self, key: str, slot: int | None, spec, loras, strict, disconnected: Disconnected, control=None
     ) -> dict:
+        """The replica's reply. With a `control`, the call streams (the replica's `generate_stream`): each step
+        is reported to the control as it happens, and a `finish_early()` asked here reaches the replica."""
         handle = self.handle.options(multiplexed_model_id=key) if key else self.handle
+        accepted = asyncio.Event()
+        request_id = uuid.uuid4().hex
         try:
-            response = handle.generate.remote(spec, loras, strict, slot=slot)
+            if control is None:
+                response = handle.generate.remote(spec, loras, strict, slot=slot)
+                task = asyncio.ensure_future(_await(response))
+            else:
+                response = handle.options(stream=True).generate_stream.remote(
+                    spec, loras, strict, slot=slot, request_id=request_id, preview_every=control.preview_every
+                )
+                task = asyncio.ensure_future(_follow(response, control, accepted))
         except BackPressureError as exc:
             raise QueueFull(self.settings.max_queue_size, 5) from exc
         deadline = time.perf_counter() + self.settings.request_timeout_s + 60
-        task = asyncio.ensure_future(_await(response))
+        finish_sent = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=POLL_S)
@@ -152,6 +170,9 @@ class RemoteGenerationService(GenerationService):
                     raise ClientGone()
                 if control is not None and control.discarded:
                     raise JobCanceled()
+                if control is not None and control.stop_mode == "finish" and accepted.is_set() and not finish_sent:
+                    self._finish(request_id)
+                    finish_sent = True
                 if time.perf_counter() > deadline:
                     raise QueueTimeout("no generation replica answered in time")
         except BackPressureError as exc:
@@ -160,8 +181,14 @@ class RemoteGenerationService(GenerationService):
             raise ClientGone() from None
         finally:
             if not task.done():
-                response.cancel()  # the replica drops the job if it has not started
+                response.cancel()  # the replica drops the job if it has not started, or stops its loop
                 task.cancel()
+
+    def _finish(self, request_id: str) -> None:
+        """Tell the replica running `request_id` to stop at its next step and return the image reached (the
+        board reaches every replica; the others do not know the id). Not awaited: the stream answers."""
+        if self.board is not None:
+            self.board.broadcast.remote("finish", {"request_id": request_id}, 5.0)
 
     async def _acquire(self, loras: Sequence[LoraSpec], strict: bool = False) -> RemoteAcquired:
         # Strict mode must fail before any image; the file checks run on the replica, so only
@@ -182,6 +209,19 @@ class RemoteGenerationService(GenerationService):
 
 async def _await(response):
     return await response
+
+
+async def _follow(response, control: StepControl, accepted: asyncio.Event) -> dict:
+    """A replica's `generate_stream`: its steps to `control` (the job's or the A1111 request's listener), then
+    its reply."""
+    async for item in response:
+        if "step" in item:
+            control.report(item["step"], item["steps"], item["preview"])
+        elif "accepted" in item:
+            accepted.set()
+        else:
+            return item
+    raise RuntimeError("the replica's stream ended without a reply")
 
 
 # ---- every replica at once ------------------------------------------------------------------------
@@ -360,7 +400,7 @@ class RemoteAppState(AppState):
         state.board, state.replica_handle = board, handle
         state.queue = RemoteQueue()
         state.loras = RemoteLoraManager(settings, state.registry, state.facts, board, handle)
-        state.service = RemoteGenerationService(settings, state.registry, handle)
+        state.service = RemoteGenerationService(settings, state.registry, handle, board=board)
         return state
 
     def live_replicas(self) -> dict[str, dict]:

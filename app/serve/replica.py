@@ -54,6 +54,7 @@ class GenerationReplica:
         # Ray reports the keys held here to every router, which sends a key's requests back to us.
         self._hold = serve.multiplexed(max_num_models_per_replica=settings.lora_cache_max_size)(hold)
         self._board = None
+        self._controls: dict[str, StepControl] = {}  # the streamed requests here, by the ingress's request id
         self._app_name = app_name
         threading.Thread(target=self._serve_board, name="replica-board", daemon=True).start()
         logger.info("replica %s ready (%s on %s)", self.replica_id, settings.model_id, self.state.engine.device)
@@ -62,10 +63,55 @@ class GenerationReplica:
 
     async def generate(self, spec: GenerationSpec, loras: list[LoraSpec], strict: bool, slot: int | None = None):
         """`slot` is read by the router (app/serve/router.py), not here."""
+        return await self._run(spec, loras, strict, StepControl())
+
+    async def generate_stream(
+        self,
+        spec: GenerationSpec,
+        loras: list[LoraSpec],
+        strict: bool,
+        slot: int | None = None,
+        request_id: str = "",
+        preview_every: int = 0,
+    ):
+        """`generate` for a caller that follows the steps (a job, an AUTOMATIC1111 request): called with
+        `handle.options(stream=True)`, it yields `{"accepted": replica}` once the request is here (from
+        then on a `finish` command with its `request_id` reaches it), then `{"step", "steps", "preview"}`
+        after every denoising step (`preview`: None or the RGB uint8 array of app/engine/preview.py, every
+        `preview_every` steps), and last the reply `generate` returns."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+
+        def listener(step: int, total: int, preview) -> None:  # the generation thread
+            loop.call_soon_threadsafe(steps.put_nowait, {"step": step, "steps": total, "preview": preview})
+
+        control = StepControl(listener=listener, preview_every=preview_every)
+        if request_id:
+            self._controls[request_id] = control
+        task = asyncio.ensure_future(self._run(spec, loras, strict, control))
+        try:
+            yield {"accepted": self.replica_id}
+            while True:
+                step = asyncio.ensure_future(steps.get())
+                done, _ = await asyncio.wait({task, step}, return_when=asyncio.FIRST_COMPLETED)
+                if step in done:
+                    yield step.result()
+                    continue
+                step.cancel()
+                while not steps.empty():
+                    yield steps.get_nowait()
+                yield task.result()
+                return
+        finally:
+            self._controls.pop(request_id, None)
+            if not task.done():  # the ingress canceled the stream: the loop stops at its next step
+                control.cancel()
+                task.cancel()
+
+    async def _run(self, spec: GenerationSpec, loras: list[LoraSpec], strict: bool, control: StepControl) -> dict:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self._hold(model_id)
-        control = StepControl()
         try:
             outcome = await self.state.service.generate(spec, loras, strict, control=control)
         except asyncio.CancelledError:
@@ -125,6 +171,9 @@ class GenerationReplica:
             return generate_latest(self.state.metrics.registry).decode()
         if name == "info":
             return self._info()
+        if name == "finish":  # AUTOMATIC1111's interrupt of a streamed request; another replica's id: nothing
+            control = self._controls.get(args["request_id"])
+            return control.finish_early() if control is not None else None
         raise ValueError(f"unknown command {name!r}")
 
     def _serve_board(self) -> None:
