@@ -168,6 +168,16 @@ def test_a_10_step_job_streams_queued_running_10_progress_events_then_succeeded(
     assert [name for name, _ in events(server.url, job["id"])] == ["succeeded"]
 
 
+def test_a_client_that_connects_while_the_job_runs_hears_running_not_a_wait_that_is_over(server):
+    holder = hold_the_worker(server.url)
+    stream = events(server.url, holder["id"])
+    name, data = next(stream)
+    assert name == "running" and data["status"] == "running"
+    httpx.delete(f"{server.url}/jobs/{holder['id']}", timeout=30)
+    rest = [name for name, _ in stream]
+    assert "queued" not in rest and "running" not in rest and rest[-1] == "canceled"
+
+
 def test_a_preview_less_job_streams_no_preview_and_the_seed_is_drawn_at_acceptance(server):
     job = submit(server.url, seed=None)
     stream = list(events(server.url, job["id"]))

@@ -126,10 +126,11 @@ async def _event_stream(runner: JobRunner, job_id: str) -> AsyncIterator[str]:
         if record.status in ENDED:
             yield _sse(JobEvent(record.status, runner.view(record)))
             return
-        yield _sse(JobEvent(QUEUED, runner.view(record)))
+        # The state the job is in now: `queued` while it waits, `running` once it runs (a client that
+        # connects while it runs does not hear of a wait that is over).
+        yield _sse(JobEvent(record.status, runner.view(record)))
         sent.add(QUEUED)
         if record.status == RUNNING:
-            yield _sse(JobEvent(RUNNING, runner.view(record)))
             sent.add(RUNNING)
         while True:
             try:
