@@ -419,6 +419,42 @@ def assert_as_accurate_as_diffusers(ours: np.ndarray, model_dir: Path, loras, se
 # ---- a real server -------------------------------------------------------------------------------
 
 
+HANG_GUARD_S = 180  # what a wait_for waits at most: a guard against a hang, never a timer the test relies on
+
+
+def wait_for(check: Callable, what: str, timeout_s: float = HANG_GUARD_S):
+    """Poll `check()` until it returns something truthy, and return that; the deadline only guards against
+    a hang (every wait ends on a state)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+@contextmanager
+def ray_app(settings: Settings, app_name: str, num_cpus: int) -> Iterator:
+    """The Ray Serve application of `settings` on a local Ray instance and a free loopback port: an httpx
+    client of its ingress, once /ready answers 200. Ray and Serve are shut down afterwards."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from app.serve.deployment import build_app
+
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, app_name), name=app_name, route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HANG_GUARD_S) as client:
+            wait_for(lambda: client.get("/ready").status_code == 200, "the Ray app to be ready")
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

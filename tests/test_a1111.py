@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -20,7 +19,7 @@ import webuiapi
 from PIL import Image, ImageFilter
 
 from app.infotext import PNG_TEXT_KEY
-from tests.conftest import GUIDANCE, SIZE, ServerProcess
+from tests.conftest import GUIDANCE, SIZE, ServerProcess, wait_for
 from tests.test_editing import init_image, square_mask
 
 STEPS = 4
@@ -251,14 +250,6 @@ def png_b64(image: Image.Image) -> str:
 
 LONG_STEPS = 60  # long enough to be seen running (each step is reported), short enough to run to the end
 
-
-def wait_for(condition, what: str, timeout_s: float = 120):
-    """Poll the server's state until `condition()` holds (a hang guard, not a timer)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 def test_progress_is_idle_when_nothing_runs(api):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.jobqueue.store import JobStore
 from app.jobs import GenerationSpec
-from tests.conftest import ServerProcess, pixels, small_request
+from tests.conftest import ServerProcess, pixels, small_request, wait_for
 
 SECRET = "test-webhook-secret"
 DEADLINE_S = 180  # a hang guard only: every wait below ends on a state, long before this
@@ -53,14 +53,6 @@ def get_job(url: str, job_id: str) -> dict:
     assert response.status_code == 200, response.text
     return response.json()
 
-
-def wait_for(check, what: str):
-    """Poll `check()` until it returns something truthy (the deadline only guards against a hang)."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def wait_until_ended(url: str, job_id: str) -> dict:

@@ -7,8 +7,6 @@ Skipped when ray is not installed (`pip install .[ray]`; scripts/setup.sh instal
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import pytest
 
@@ -18,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from app.access import key_digest  # noqa: E402
 from app.keys import toml_block  # noqa: E402
-from tests.conftest import small_request, test_settings  # noqa: E402
+from tests.conftest import ray_app, small_request, test_settings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +31,6 @@ def auth(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(model_cache_dir, tmp_path_factory, make_brand):
-    from app.serve.deployment import build_app
-
     work = tmp_path_factory.mktemp("ray-keys")
     make_brand(work / "loras", "acme", seed=1)
     make_brand(work / "loras", "globex", seed=2)
@@ -48,21 +44,8 @@ def cluster(model_cache_dir, tmp_path_factory, make_brand):
         model_cache_dir, work / "loras", data_dir=work / "data", api_keys_file=keys_file, torch_threads=1,
         ray_replicas=1, ray_replica_cpus=1, request_timeout_s=60,
     )  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings, APP_NAME), name=APP_NAME, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.monotonic() + 180
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the Ray app never became ready"
-        time.sleep(0.5)
-    yield client
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+    with ray_app(settings, APP_NAME, num_cpus=2) as client:
+        yield client
 
 
 def replica_images(client) -> float:

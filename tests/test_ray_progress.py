@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import SIZE, small_request, test_settings  # noqa: E402
+from tests.conftest import SIZE, ray_app, small_request, test_settings, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +31,6 @@ LONG_STEPS = 60  # an A1111 request still running when the interrupt lands; shor
 
 @pytest.fixture(scope="module")
 def client(model_cache_dir, tmp_path_factory, make_brand):
-    from app.serve.deployment import build_app
-
     work = tmp_path_factory.mktemp("ray-progress")
     make_brand(work / "loras", "acme", seed=1)
     # batch_max_size=1: the ingress runs one job at a time, so a job can be held queued behind another.
@@ -42,27 +38,9 @@ def client(model_cache_dir, tmp_path_factory, make_brand):
         model_cache_dir, work / "loras", data_dir=work / "data", torch_threads=1, ray_replicas=1,
         ray_replica_cpus=1, request_timeout_s=120, batch_max_size=1,
     )  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings, APP_NAME), name=APP_NAME, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE_S)
-    wait_for(lambda: client.get("/ready").status_code == 200, "the Ray app to be ready")
-    yield client
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+    with ray_app(settings, APP_NAME, num_cpus=2) as client:
+        yield client
 
-
-def wait_for(check, what: str):
-    """Poll `check()` until it returns something truthy (the deadline only guards against a hang)."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def submit(client, **fields) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,19 +19,13 @@ httpx = pytest.importorskip("httpx")
 
 from app.api.schemas import GenerateResponse  # noqa: E402
 from app.lora.cache import LoraCache  # noqa: E402
-from tests.conftest import pixels, small_request, test_settings  # noqa: E402
+from tests.conftest import pixels, ray_app, small_request, test_settings, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 CACHE = 3  # adapters per replica; a single cache of 2 x CACHE is the comparison
 BRANDS = [f"brand-{i:02d}" for i in range(12)]
 APP_NAME = "brand-images-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +46,8 @@ def settings(model_cache_dir, lora_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(settings):
-    from app.serve.deployment import build_app
-
-    port = _free_port()
-    started = time.perf_counter()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings, APP_NAME), name=APP_NAME, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.monotonic() + 120
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the Ray app never became ready"
-        time.sleep(0.5)
-    print(f"\nRay app ready in {time.perf_counter() - started:.1f} s")
-    yield client
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+    with ray_app(settings, APP_NAME, num_cpus=3) as client:
+        yield client
 
 
 LONG_STEPS = 50  # a generation of many steps: a request that is still running when the kill lands
@@ -84,14 +62,6 @@ def replica_queue_depths(client) -> dict[str, float]:
             depths[labels.split('"')[1]] = float(value)
     return depths
 
-
-def wait_for(predicate, what: str, timeout_s: float = 120):
-    """Poll `predicate` until it returns something truthy; the deadline only guards against a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def generate(client, brand: str | None = None, seed: int = 7, **fields):
