@@ -36,6 +36,7 @@ Disconnected = Callable[[], Awaitable[bool]] | None
 class GenerationOutcome:
     image: object  # PIL.Image.Image
     png: bytes
+    infotext: str  # the PNG's `parameters` text (AUTOMATIC1111's layout), as written into `png`
     seed: int
     width: int
     height: int
@@ -187,15 +188,16 @@ class GenerationService:
             self.metrics.generation_seconds.observe(result.generation_ms / 1000)
         infotext = generation_infotext(spec, applied, self.settings.model_id)
         png = await run_in_threadpool(encode_png, result.image, infotext)
+        width, height = image_size(result.image, spec)  # only-masked inpainting answers at the init image's size
         brands = [a.key for a in adapters if a.weight != 0.0]
         record_image(brands, queue_ms, load_ms + result.lora_ms, result.generation_ms)
         return GenerationOutcome(
             image=result.image,
             png=png,
+            infotext=infotext,
             seed=spec.seed,
-            # The image's own size: only-masked inpainting answers at the init image's size.
-            width=image_size(result.image, spec)[0],
-            height=image_size(result.image, spec)[1],
+            width=width,
+            height=height,
             loras=applied,
             warnings=warnings + result.warnings,
             queue_ms=queue_ms,

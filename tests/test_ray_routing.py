@@ -181,7 +181,7 @@ def test_an_outcome_crosses_the_wire_with_every_field():
     image = Image.new("RGB", (8, 8), (200, 30, 40))
     png = encode_png(image, "a red square\nSteps: 4")
     outcome = GenerationOutcome(
-        image=image, png=png, seed=1234, width=8, height=8,
+        image=image, png=png, infotext="a red square\nSteps: 4", seed=1234, width=8, height=8,
         loras=[AppliedLora("acme", "v2", 0.7, "style", "acme/v2/style.safetensors", "ab" * 32)],
         warnings=["a warning"], queue_ms=1.5, lora_ms=2.5, generation_ms=3.5, total_ms=9.0, batch_size=3, stopped_at=3,
     )  # fmt: skip

@@ -35,10 +35,9 @@ from app.config import Settings
 from app.errors import AnsweredError, ClientGone, JobCanceled, QueueFull, QueueTimeout, ServiceUnavailable
 from app.jobs import GenerationSpec, LoraSpec, StepControl
 from app.lora.cache import CacheStats
-from app.lora.registry import DEFAULT_VERSION
 from app.observability import record_image
 from app.serve.routing import AffinityPlanner, lora_set_key
-from app.service import Disconnected, GenerationOutcome, GenerationService
+from app.service import Disconnected, GenerationOutcome, GenerationService, lora_name
 from app.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -135,8 +134,7 @@ class RemoteGenerationService(GenerationService):
         outcome = RemoteOutcome.from_wire(reply["outcome"], replica=reply["replica"], routing_key=key)
         outcome.total_ms = (time.perf_counter() - start) * 1000  # the ingress's wall time: routing and retries too
         # The cache keys, as the in-process access log names them (`acme`, `globex@v2`).
-        brands = [a.brand_id if a.version == DEFAULT_VERSION else f"{a.brand_id}@{a.version}"
-                  for a in outcome.loras if a.weight != 0.0]  # fmt: skip
+        brands = [lora_name(a) for a in outcome.loras if a.weight != 0.0]
         record_image(brands, outcome.queue_ms, outcome.lora_ms, outcome.generation_ms)
         return outcome
 

@@ -18,7 +18,7 @@ from app.editing import decode_base64_image
 from app.errors import InvalidRequest
 from app.infotext import PNG_TEXT_KEY, model_name
 from app.samplers import display_name
-from app.service import draw_seed, generation_infotext
+from app.service import draw_seed
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 
@@ -48,7 +48,7 @@ async def _images(body: a1111.Txt2ImgRequest, service, request: Request, caller:
                 spec, specs, strict=True, disconnected=request.is_disconnected, control=control
             )
             images.append(outcome.image_base64)
-            infotexts.append(generation_infotext(spec, outcome.loras, settings.model_id))
+            infotexts.append(outcome.infotext)
     finally:
         _progress(request).end(task)
     seeds = seeds[: len(images)]
