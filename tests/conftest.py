@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import base64
 import hashlib
 import io
+import json
 import re
 import signal
 import socket
@@ -430,6 +431,19 @@ def wait_for(check: Callable, what: str, timeout_s: float = HANG_GUARD_S):
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.02)
     return value
+
+
+def job_events(client, job_id: str) -> Iterator[tuple[str, dict]]:
+    """A job's Server-Sent Events from `client` (an httpx client of the service) as (name, data) pairs,
+    until the server closes the stream."""
+    with client.stream("GET", f"/jobs/{job_id}/events", timeout=HANG_GUARD_S) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                yield name, json.loads(line.removeprefix("data: "))
 
 
 @contextmanager

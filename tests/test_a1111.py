@@ -251,7 +251,6 @@ def png_b64(image: Image.Image) -> str:
 LONG_STEPS = 60  # long enough to be seen running (each step is reported), short enough to run to the end
 
 
-
 def test_progress_is_idle_when_nothing_runs(api):
     progress = api.get_progress()
 

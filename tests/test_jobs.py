@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.jobqueue.store import JobStore
 from app.jobs import GenerationSpec
-from tests.conftest import ServerProcess, pixels, small_request, wait_for
+from tests.conftest import ServerProcess, job_events, pixels, small_request, wait_for
 
 SECRET = "test-webhook-secret"
 DEADLINE_S = 180  # a hang guard only: every wait below ends on a state, long before this
@@ -30,14 +30,8 @@ DEADLINE_S = 180  # a hang guard only: every wait below ends on a state, long be
 
 def events(url: str, job_id: str):
     """The job's Server-Sent Events as (name, data) pairs, until the server closes the stream."""
-    with httpx.stream("GET", f"{url}/jobs/{job_id}/events", timeout=DEADLINE_S) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                yield name, json.loads(line.removeprefix("data: "))
+    with httpx.Client(base_url=url) as client:
+        yield from job_events(client, job_id)
 
 
 def submit(url: str, **fields) -> dict:
@@ -52,7 +46,6 @@ def get_job(url: str, job_id: str) -> dict:
     response = httpx.get(f"{url}/jobs/{job_id}", timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
-
 
 
 def wait_until_ended(url: str, job_id: str) -> dict:

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import SIZE, ray_app, small_request, test_settings, wait_for  # noqa: E402
+from tests.conftest import SIZE, job_events, ray_app, small_request, test_settings, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,23 +42,10 @@ def client(model_cache_dir, tmp_path_factory, make_brand):
         yield client
 
 
-
 def submit(client, **fields) -> dict:
     response = client.post("/jobs", json=small_request(**fields))
     assert response.status_code == 202, response.text
     return response.json()
-
-
-def events(client, job_id: str):
-    """The job's Server-Sent Events as (name, data) pairs, until the server closes the stream."""
-    with client.stream("GET", f"/jobs/{job_id}/events") as response:
-        assert response.status_code == 200
-        name = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                yield name, json.loads(line.removeprefix("data: "))
 
 
 def test_a_10_step_job_streams_10_progress_events_then_succeeded_through_the_ingress(client):
@@ -70,7 +57,7 @@ def test_a_10_step_job_streams_10_progress_events_then_succeeded_through_the_ing
 
     job = submit(client, num_inference_steps=10, scheduler="euler", preview=True, seed=11)
     stream = []
-    for name, data in events(client, job["id"]):  # connected while the job waits: every event comes
+    for name, data in job_events(client, job["id"]):  # connected while the job waits: every event comes
         stream.append((name, data))
         if name == "queued":
             assert client.delete(f"/jobs/{holder['id']}").status_code in (200, 202)

@@ -63,7 +63,6 @@ def replica_queue_depths(client) -> dict[str, float]:
     return depths
 
 
-
 def generate(client, brand: str | None = None, seed: int = 7, **fields):
     body = small_request(seed=seed, **fields)
     if brand is not None:
