@@ -97,9 +97,6 @@ class Caller:
     def may_use(self, brand_id: str) -> bool:
         return self.is_admin or any(fnmatch.fnmatchcase(brand_id, pattern) for pattern in self.brands)
 
-    def may_use_all(self, brand_ids: Iterable[str]) -> bool:
-        return all(self.may_use(b) for b in brand_ids)
-
     def describe_roles(self) -> str:
         return ", ".join(sorted(self.roles)) or "none"
 

@@ -214,12 +214,6 @@ class JobStore:
 
     # ---- what the runner writes beside the state -------------------------------------------------
 
-    def set_progress(self, job_id: str, step: int, steps: int) -> None:
-        with self._lock:
-            self._conn.execute(
-                "UPDATE jobs SET step = ?, steps = ? WHERE id = ? AND status = ?", (step, steps, job_id, RUNNING)
-            )
-
     def set_webhook(self, job_id: str, status: str, attempts: int) -> JobRecord | None:
         with self._lock:
             self._conn.execute(
